@@ -1,0 +1,52 @@
+"""npe2 reader: a BraTS case folder or NIfTI file -> image layers + tumour labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari_unet import NapariUnetError
+
+
+def _claims(path: Path) -> bool:
+    from napari_unet.cases import is_nifti
+
+    if path.is_file():
+        return is_nifti(path)
+    if path.is_dir():
+        entries = list(path.iterdir())
+        if not entries:
+            return True  # so the user hears "empty folder" from us, not "no reader"
+        return any(is_nifti(p) for p in entries) or any(
+            p.is_dir() and any(is_nifti(q) for q in p.iterdir()) for p in entries
+        ) or (path / "imagesTr").is_dir()
+    return False
+
+
+def get_reader(path):
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return read_case_layers if _claims(Path(path)) else None
+
+
+def read_case_layers(path):
+    """Read one case; on bad input show one clear notification and open nothing."""
+    from napari_unet.cases import find_cases, read_case
+    from napari_unet.layers import case_layer_data
+
+    if isinstance(path, list):
+        path = path[0]
+    try:
+        cases = find_cases(path)
+        if len(cases) > 1:
+            raise NapariUnetError(
+                f"{path}: this folder holds {len(cases)} cases; open one of them "
+                f"(e.g. {Path(cases[0]).name})"
+            )
+        return case_layer_data(read_case(cases[0]))
+    except NapariUnetError as err:
+        from napari.utils.notifications import show_error
+
+        show_error(str(err))
+        return [(None,)]

@@ -1,0 +1,475 @@
+"""Find a BraTS case in any layout, read it in one orientation, write labels back.
+
+Every layout the project knows (BraTS 2020, 2021, 2023 GLI, the Medical Segmentation
+Decathlon's Task01 and single files) is read into the same form: one float32 volume per
+modality and canonical uint8 labels, all in the display orientation below. A `CaseSource`
+record of where the data came from (layout, affine, header, orientation) travels with the
+arrays, so writing labels back reproduces the source's orientation, affine and label values.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import uuid
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt_mod
+
+from napari_unet import NapariUnetError
+from napari_unet.labels import LAYOUT_CONVENTION, from_canonical, to_canonical
+
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023", "msd")
+
+# Arrays inside the project are (axial, row, column) with the axial index growing towards
+# the top of the head, anterior at the top of the screen and the patient's right on the
+# screen's left (the radiological convention).
+DISPLAY_AXCODES = ("S", "P", "L")
+
+# Filename suffix of each modality, per layout.
+_SUFFIXES = {
+    "brats2020": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
+    "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"},
+}
+_SUFFIXES["brats2021"] = _SUFFIXES["brats2020"]
+# The order of the channels in a Decathlon Task01 4D image (its dataset.json).
+MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")
+
+_NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def _stem(path: Path) -> str:
+    return _NIFTI.sub("", path.name)
+
+
+def is_nifti(path: Path) -> bool:
+    return bool(_NIFTI.search(path.name))
+
+
+@dataclass
+class CaseSource:
+    """Where a case came from: all that is needed to write labels back as the source holds them.
+
+    Plain data only (the header is its 348-byte block, base64), so it can travel in napari
+    layer metadata and in JSON.
+    """
+
+    layout: str
+    case_id: str
+    path: str
+    affine: list[list[float]]
+    shape: list[int]  # the files' voxel shape
+    header: str  # base64 of the NIfTI-1 header of the segmentation (or of an image)
+    label_dtype: str
+    spacing: list[float]  # mm, in display order
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def convention(self) -> str:
+        return LAYOUT_CONVENTION[self.layout]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CaseSource":
+        return cls(**data)
+
+    def nifti_header(self) -> nib.Nifti1Header:
+        return nib.Nifti1Header(binaryblock=base64.b64decode(self.header))
+
+    # Orientation: file voxel order <-> display order.
+    def _file_ornt(self) -> np.ndarray:
+        return ornt_mod.io_orientation(np.asarray(self.affine))
+
+    def to_display(self, array: np.ndarray) -> np.ndarray:
+        transform = ornt_mod.ornt_transform(self._file_ornt(), ornt_mod.axcodes2ornt(DISPLAY_AXCODES))
+        return np.ascontiguousarray(ornt_mod.apply_orientation(array, transform))
+
+    def to_file(self, array: np.ndarray) -> np.ndarray:
+        transform = ornt_mod.ornt_transform(ornt_mod.axcodes2ornt(DISPLAY_AXCODES), self._file_ornt())
+        return np.ascontiguousarray(ornt_mod.apply_orientation(array, transform))
+
+    def axial_to_file_index(self, display_index: int) -> int:
+        """The file's voxel index along its axial axis for a display axial index."""
+        ornt = self._file_ornt()
+        file_axis = _axial_file_axis(ornt)
+        flip = ornt[file_axis, 1] < 0  # this axis runs inferior in the file
+        n = self.shape[file_axis]
+        return n - 1 - display_index if flip else display_index
+
+    def file_to_axial_index(self, file_index: int) -> int:
+        # The mapping is its own inverse (identity or a flip).
+        return self.axial_to_file_index(file_index)
+
+
+def _axial_file_axis(ornt: np.ndarray) -> int:
+    """Which file voxel axis runs along the head's long (S-I) axis."""
+    # io_orientation's output axis 2 is the world z (S) axis.
+    return int(np.flatnonzero(ornt[:, 0] == 2)[0])
+
+
+@dataclass
+class Case:
+    """One case in the display orientation: images per modality (float32), canonical labels."""
+
+    case_id: str
+    images: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: CaseSource
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(self.source.spacing)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return next(iter(self.images.values())).shape
+
+    def stack(self, modalities: tuple[str, ...] = MODALITIES) -> np.ndarray:
+        """(C, Z, Y, X) float32 in the order of `modalities`."""
+        missing = [m for m in modalities if m not in self.images]
+        if missing:
+            raise NapariUnetError(
+                f"{self.source.path}: the model needs {', '.join(missing)}, which this case lacks "
+                f"(it has {', '.join(self.images) or 'no images'})"
+            )
+        return np.stack([self.images[m] for m in modalities])
+
+
+# --------------------------------------------------------------------------- finding cases
+
+
+@dataclass
+class CaseFiles:
+    layout: str
+    case_id: str
+    path: Path
+    images: dict[str, Path]  # modality -> file (msd: every modality -> the 4D file)
+    seg: Path | None
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p))
+
+
+def _match_suffix(stem: str, suffix: str) -> bool:
+    return stem.lower().endswith(suffix.lower())
+
+
+def _find_in_folder(folder: Path) -> CaseFiles:
+    files = _nifti_files(folder)
+    if not files:
+        others = [p.name for p in folder.iterdir()] if folder.exists() else []
+        hint = f" (it holds {', '.join(sorted(others)[:5])})" if others else " (it is empty)"
+        raise NapariUnetError(f"{folder}: no NIfTI files (.nii or .nii.gz) found{hint}")
+    stems = {p: _stem(p) for p in files}
+    layout = None
+    if any(_match_suffix(s, "-t1n") or _match_suffix(s, "-t2f") for s in stems.values()):
+        layout = "brats2023"
+    elif any(_match_suffix(s, "_flair") or _match_suffix(s, "_t1") for s in stems.values()):
+        layout = "brats2021" if folder.name.lower().startswith("brats2021") else "brats2020"
+    if layout is None:
+        names = ", ".join(p.name for p in files[:5])
+        raise NapariUnetError(
+            f"{folder}: not a BraTS case folder: no file ends in _t1/_t1ce/_t2/_flair (2020, 2021) "
+            f"or -t1n/-t1c/-t2w/-t2f (2023); found {names}"
+        )
+    suffixes = _SUFFIXES[layout]
+    images: dict[str, Path] = {}
+    for modality in MODALITIES:
+        hits = [p for p, s in stems.items() if _match_suffix(s, suffixes[modality])]
+        if not hits:
+            raise NapariUnetError(
+                f"{folder}: the {modality.upper()} image is missing "
+                f"(expected a file ending in {suffixes[modality]}.nii.gz)"
+            )
+        images[modality] = hits[0]
+    # One public BraTS 2020 case names its segmentation *_Segm.nii; accept any *seg* file.
+    taken = set(images.values())
+    segs = [p for p, s in stems.items() if p not in taken and "seg" in s.lower()]
+    return CaseFiles(layout, folder.name, folder, images, segs[0] if segs else None)
+
+
+def _msd_label_for(image: Path) -> Path | None:
+    labels_dir = image.parent.parent / "labelsTr"
+    candidate = labels_dir / image.name
+    return candidate if candidate.exists() else None
+
+
+def find_case(path: str | os.PathLike) -> CaseFiles:
+    """Work out the layout of one case given as a folder or a file."""
+    path = Path(path)
+    if not path.exists():
+        raise NapariUnetError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _find_in_folder(path)
+    if not is_nifti(path):
+        raise NapariUnetError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+    stem = _stem(path)
+    # A Decathlon image: 4D, in imagesTr/imagesTs, or named like BRATS_001.
+    if path.parent.name in ("imagesTr", "imagesTs") or re.fullmatch(r"BRATS_\d+", stem):
+        return CaseFiles("msd", stem, path, {m: path for m in MSD_CHANNELS}, _msd_label_for(path))
+    if path.parent.name == "labelsTr":
+        return CaseFiles("msd", stem, path, {}, path)
+    for layout in ("brats2023", "brats2020"):
+        for modality, suffix in _SUFFIXES[layout].items():
+            if _match_suffix(stem, suffix):
+                case_id = stem[: -len(suffix)]
+                if modality == "seg":
+                    return CaseFiles(layout, case_id, path, {}, path)
+                return CaseFiles(layout, case_id, path, {modality: path}, None)
+    return CaseFiles("single", stem, path, {"image": path}, None)
+
+
+def find_cases(path: str | os.PathLike) -> list[Path]:
+    """Case paths under `path`: the case itself, the case folders inside it, or Decathlon images."""
+    path = Path(path)
+    if not path.exists():
+        raise NapariUnetError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    if (path / "imagesTr").is_dir():
+        path = path / "imagesTr"
+    files = _nifti_files(path)
+    if files and (path.name in ("imagesTr", "imagesTs") or all(re.fullmatch(r"BRATS_\d+", _stem(p)) for p in files)):
+        return files
+    if files:
+        return [path]
+    subfolders = sorted(p for p in path.iterdir() if p.is_dir() and _nifti_files(p))
+    if not subfolders:
+        raise NapariUnetError(f"{path}: no BraTS cases found (no case folders with NIfTI files)")
+    return subfolders
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _load(path: Path, kind: str = "image") -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Load a NIfTI file fully, turning every failure into a message naming the file."""
+    try:
+        img = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError:
+        raise NapariUnetError(f"{path}: not a NIfTI file") from None
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise NapariUnetError(f"{path}: cannot be read ({err})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise NapariUnetError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise NapariUnetError(f"{path}: the file is damaged or truncated ({err})") from None
+    return data, img
+
+
+def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise NapariUnetError(
+            f"{path}: expected a 3D volume, found {data.ndim}D data of shape {tuple(data.shape)}"
+        )
+    return data
+
+
+def _same_geometry(ref_img, ref_path: Path, img, path: Path, shape) -> None:
+    if tuple(shape) != tuple(ref_img.shape[:3]):
+        raise NapariUnetError(
+            f"{path}: shape {tuple(shape)} differs from {ref_path.name} {tuple(ref_img.shape[:3])}"
+        )
+    if not np.allclose(img.affine, ref_img.affine, atol=1e-3):
+        raise NapariUnetError(
+            f"{path}: its affine (voxel-to-world position) differs from {ref_path.name}; "
+            "the modalities must be co-registered"
+        )
+
+
+def _spacing_display(img, transform) -> list[float]:
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    out = np.empty(3)
+    for src_axis, (dst_axis, _flip) in enumerate(transform):
+        out[int(dst_axis)] = zooms[src_axis]
+    return out.tolist()
+
+
+def make_source(
+    layout: str,
+    case_id: str,
+    path,
+    geometry_img: nib.Nifti1Image,
+    *,
+    header_img: nib.Nifti1Image | None = None,
+    label_dtype: str = "uint8",
+    files: dict[str, str] | None = None,
+) -> CaseSource:
+    """The source record of a case whose voxels lie on the grid of `geometry_img`."""
+    header_img = header_img if header_img is not None else geometry_img
+    transform = ornt_mod.ornt_transform(
+        ornt_mod.io_orientation(geometry_img.affine), ornt_mod.axcodes2ornt(DISPLAY_AXCODES)
+    )
+    return CaseSource(
+        layout=layout,
+        case_id=case_id,
+        path=str(path),
+        affine=np.asarray(geometry_img.affine, dtype=float).tolist(),
+        shape=[int(s) for s in geometry_img.shape[:3]],
+        header=base64.b64encode(header_img.header.binaryblock).decode("ascii"),
+        label_dtype=label_dtype,
+        spacing=_spacing_display(geometry_img, transform),
+        files=files or {},
+    )
+
+
+def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
+    """Read one case (folder or file, any layout) into the display orientation."""
+    files = find_case(path)
+    raw: dict[str, np.ndarray] = {}
+    ref_img = ref_path = None
+    if files.layout == "msd" and files.images:
+        data, ref_img = _load(files.path)
+        ref_path = files.path
+        if data.ndim != 4 or data.shape[3] != len(MSD_CHANNELS):
+            raise NapariUnetError(
+                f"{files.path}: a Decathlon BraTS image must be 4D with {len(MSD_CHANNELS)} channels "
+                f"({', '.join(MSD_CHANNELS)}), found shape {tuple(data.shape)}"
+            )
+        for channel, modality in enumerate(MSD_CHANNELS):
+            raw[modality] = data[..., channel]
+    else:
+        for modality, file in files.images.items():
+            data, img = _load(file)
+            data = _check_3d(data, file)
+            if ref_img is None:
+                ref_img, ref_path = img, file
+            else:
+                _same_geometry(ref_img, ref_path, img, file, data.shape)
+            raw[modality] = data
+
+    seg_raw = seg_img = None
+    if files.seg is not None and with_labels:
+        seg_raw, seg_img = _load(files.seg)
+        seg_raw = _check_3d(seg_raw, files.seg)
+        if ref_img is not None:
+            _same_geometry(ref_img, ref_path, seg_img, files.seg, seg_raw.shape)
+    if ref_img is None and seg_img is None:
+        raise NapariUnetError(f"{files.path}: nothing to read")
+    geometry_img = ref_img if ref_img is not None else seg_img
+    source = make_source(
+        files.layout,
+        files.case_id,
+        files.path,
+        geometry_img,
+        header_img=seg_img if seg_img is not None else geometry_img,
+        label_dtype=str(np.dtype(seg_img.get_data_dtype())) if seg_img is not None else "uint8",
+        files={k: str(v) for k, v in files.images.items()} | ({"seg": str(files.seg)} if files.seg else {}),
+    )
+    images = {m: source.to_display(np.asarray(v, dtype=np.float32)) for m, v in raw.items()}
+    labels = None
+    if seg_raw is not None:
+        labels = source.to_display(to_canonical(seg_raw, source.convention, str(files.seg)))
+    return Case(files.case_id, images, labels, source)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def atomic_path(final: Path) -> Path:
+    """A hidden temporary name beside `final` with the same NIfTI extension."""
+    ext = ".nii.gz" if final.name.lower().endswith(".gz") else ".nii"
+    return final.with_name(f".{_stem(final)}.partial-{uuid.uuid4().hex[:8]}{ext}")
+
+
+def save_nifti(img: nib.Nifti1Image, out: str | os.PathLike) -> Path:
+    """Write `img` to `out` atomically: a crash leaves the previous file intact."""
+    out = Path(out)
+    if not is_nifti(out):
+        raise NapariUnetError(f"{out}: the output must end in .nii or .nii.gz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(out)
+    try:
+        img.to_filename(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def labels_to_nifti(labels: np.ndarray, source: CaseSource, *, canonical: bool = True) -> nib.Nifti1Image:
+    """Display-oriented labels -> a NIfTI image in the source's orientation and convention."""
+    labels = np.asarray(labels)
+    expected = tuple(source.to_display(np.empty(source.shape, dtype=np.uint8)).shape)
+    if labels.shape != expected:
+        raise NapariUnetError(
+            f"labels of shape {labels.shape} do not match the case {source.case_id} {expected}"
+        )
+    values = from_canonical(labels, source.convention) if canonical else labels.astype(np.uint8)
+    header = source.nifti_header()
+    dtype = np.dtype(source.label_dtype)
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(None, None)
+    img = nib.Nifti1Image(source.to_file(values).astype(dtype), np.asarray(source.affine), header)
+    return img
+
+
+def write_labels(labels: np.ndarray, source: CaseSource, out: str | os.PathLike, *, canonical: bool = True) -> Path:
+    """Write display-oriented canonical labels to `out` as the source stores them."""
+    return save_nifti(labels_to_nifti(labels, source, canonical=canonical), out)
+
+
+def layout_paths(root: str | os.PathLike, layout: str, case_id: str) -> tuple[dict[str, Path], Path]:
+    """Where a case of `layout` keeps its images and segmentation under `root`."""
+    root = Path(root)
+    if layout == "msd":
+        image = root / "imagesTr" / f"{case_id}.nii.gz"
+        return {m: image for m in MSD_CHANNELS}, root / "labelsTr" / f"{case_id}.nii.gz"
+    suffixes = _SUFFIXES[layout]
+    folder = root / case_id
+    images = {m: folder / f"{case_id}{suffixes[m]}.nii.gz" for m in MODALITIES}
+    return images, folder / f"{case_id}{suffixes['seg']}.nii.gz"
+
+
+def case_ids(layout: str, n: int, start: int = 1) -> list[str]:
+    """Case names as each challenge spells them."""
+    fmt = {
+        "brats2020": "BraTS20_Training_{:03d}",
+        "brats2021": "BraTS2021_{:05d}",
+        "brats2023": "BraTS-GLI-{:05d}-000",
+        "msd": "BRATS_{:03d}",
+    }[layout]
+    return [fmt.format(i) for i in range(start, start + n)]
+
+
+def write_case_files(
+    root: str | os.PathLike,
+    layout: str,
+    case_id: str,
+    images: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    affine: np.ndarray,
+    *,
+    image_dtype=np.int16,
+) -> tuple[dict[str, Path], Path]:
+    """Write a case given in *file* voxel order (canonical labels) in the naming of `layout`."""
+    image_paths, seg_path = layout_paths(root, layout, case_id)
+
+    def nifti(data: np.ndarray) -> nib.Nifti1Image:
+        img = nib.Nifti1Image(data, affine)  # the file takes the array's dtype
+        img.header.set_xyzt_units("mm", "sec")
+        return img
+
+    if layout == "msd":
+        stacked = np.stack([images[m] for m in MSD_CHANNELS], axis=-1).astype(image_dtype)
+        save_nifti(nifti(stacked), image_paths["flair"])
+    else:
+        for modality in MODALITIES:
+            save_nifti(nifti(np.asarray(images[modality]).astype(image_dtype)), image_paths[modality])
+    if labels is not None:
+        save_nifti(nifti(from_canonical(labels, LAYOUT_CONVENTION[layout])), seg_path)
+    return image_paths, seg_path

@@ -1,0 +1,46 @@
+"""Shared fixtures: small synthetic datasets in every layout, made once per test session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unet.synth import write_dataset
+
+# A coarse grid (5 mm x 5 mm x ~5 mm voxels) keeps the suite fast; geometry, labels and
+# conventions are those of full-size cases.
+SMALL = (48, 48, 32)
+LAYOUTS = ("brats2020", "brats2021", "brats2023", "msd")
+
+
+@pytest.fixture(scope="session")
+def dataset_factory(tmp_path_factory):
+    """make(layout, cases=2, shift=0.0, seed=0, shape=SMALL) -> list of case paths (cached)."""
+    cache: dict = {}
+
+    def make(layout="brats2021", cases=2, shift=0.0, seed=0, shape=SMALL):
+        key = (layout, cases, shift, seed, tuple(shape))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{layout}_{seed}_{shift}")
+            cache[key] = write_dataset(root, cases, seed=seed, layout=layout, shift=shift, shape=shape)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request):
+    return request.param
+
+
+@pytest.fixture
+def case_path(dataset_factory, layout):
+    return dataset_factory(layout, cases=1)[0]
+
+
+def expected_labels(seed: int, index: int, shape=SMALL) -> np.ndarray:
+    """The canonical labels the generator made for case `index` (1-based) in file voxel order."""
+    from napari_unet.synth import generate
+
+    _, labels, _ = generate(np.random.default_rng([seed, index]), shape, 0.0)
+    return labels

@@ -1,0 +1,226 @@
+"""Reading every layout, canonical labels, voxel-exact round trips, orientation, bad input."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import SMALL, expected_labels
+
+from napari_unet import NapariUnetError
+from napari_unet.cases import (
+    MODALITIES,
+    find_case,
+    find_cases,
+    read_case,
+    write_case_files,
+    write_labels,
+)
+from napari_unet.labels import EDEMA, ENHANCING, NECROTIC
+
+
+def _seg_file(case_path: Path) -> Path:
+    return Path(find_case(case_path).seg)
+
+
+def test_every_layout_reads_four_modalities_and_canonical_labels(case_path, layout):
+    case = read_case(case_path)
+    assert case.source.layout == layout
+    assert set(case.images) == set(MODALITIES)
+    # Display order is (axial, row, column): the file's third axis becomes the slider axis.
+    assert case.shape == (SMALL[2], SMALL[1], SMALL[0])
+    assert all(img.dtype == np.float32 for img in case.images.values())
+    truth = case.source.to_display(expected_labels(0, 1))
+    np.testing.assert_array_equal(case.labels, truth)
+    assert set(np.unique(case.labels)) == {0, NECROTIC, EDEMA, ENHANCING}
+
+
+@pytest.mark.parametrize(
+    "layout, stored_values",
+    [("brats2020", {1, 2, 4}), ("brats2021", {1, 2, 4}), ("brats2023", {1, 2, 3}), ("msd", {1, 2, 3})],
+)
+def test_files_hold_each_layouts_own_label_values(dataset_factory, layout, stored_values):
+    path = dataset_factory(layout, cases=1)[0]
+    stored = np.asarray(nib.load(_seg_file(path)).dataobj)
+    assert set(np.unique(stored)) - {0} == stored_values
+    edema_canonical = read_case(path).labels == EDEMA
+    edema_value = 1 if layout == "msd" else 2
+    np.testing.assert_array_equal(read_case(path).source.to_file(edema_canonical), stored == edema_value)
+
+
+def test_writing_labels_back_reproduces_the_segmentation_exactly(case_path, tmp_path):
+    case = read_case(case_path)
+    seg = _seg_file(case_path)
+    out = write_labels(case.labels, case.source, tmp_path / "roundtrip.nii.gz")
+    original, written = nib.load(seg), nib.load(out)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(original.dataobj))
+    assert written.get_data_dtype() == original.get_data_dtype()
+    np.testing.assert_allclose(written.affine, original.affine)
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+
+
+def test_brats2020_segm_named_case(dataset_factory, tmp_path):
+    """One public BraTS 2020 case calls its segmentation *_Segm.nii (uncompressed)."""
+    src = dataset_factory("brats2020", cases=1)[0]
+    case_dir = tmp_path / "BraTS20_Training_355"
+    case_dir.mkdir()
+    for f in src.iterdir():
+        name = f.name.replace("BraTS20_Training_001", "BraTS20_Training_355")
+        if "_seg" in name:
+            nib.save(nib.load(f), case_dir / "W39_1998.09.19_Segm.nii")
+        else:
+            (case_dir / name).write_bytes(f.read_bytes())
+    case = read_case(case_dir)
+    assert case.source.layout == "brats2020"
+    np.testing.assert_array_equal(case.labels, read_case(src).labels)
+
+
+def test_orientation_puts_anterior_top_and_patient_right_on_screen_left(tmp_path):
+    """The same world point lands on the same display voxel whatever the file's voxel order."""
+    shape = (20, 24, 16)
+    marker_world = np.array([5.0, 7.0, 3.0, 1.0])  # right, anterior, superior of the centre
+    # Three voxel orders over the same world box: x -10..9, y -12..11, z -8..7 mm.
+    layouts = {
+        "lps": np.array([[-1, 0, 0, 9], [0, -1, 0, 11], [0, 0, 1, -8], [0, 0, 0, 1]], float),
+        "ras": np.array([[1, 0, 0, -10], [0, 1, 0, -12], [0, 0, 1, -8], [0, 0, 0, 1]], float),
+        "permuted": np.array([[0, 0, 1, -10], [0, -1, 0, 11], [1, 0, 0, -8], [0, 0, 0, 1]], float),
+    }
+    where = {}
+    for name, affine in layouts.items():
+        vox_shape = shape if name != "permuted" else (shape[2], shape[1], shape[0])
+        data = np.zeros(vox_shape, np.int16)
+        ijk = np.rint(np.linalg.inv(affine) @ marker_world).astype(int)[:3]
+        data[tuple(ijk)] = 100
+        path = tmp_path / f"{name}_flair.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), path)
+        case = read_case(path)
+        assert case.shape == (16, 24, 20)
+        where[name] = tuple(int(i) for i in np.argwhere(case.images["flair"] == 100)[0])
+    assert len(set(where.values())) == 1, where
+    # Slice 11 of 16 (superior), row 4 of 24 (anterior at the top), column 4 of 20 (the
+    # patient's right on the screen's left, the radiological convention).
+    assert where["lps"] == (11, 4, 4)
+
+
+def test_single_modality_file(dataset_factory):
+    flair = next(dataset_factory("brats2021", cases=1)[0].glob("*_flair.nii.gz"))
+    case = read_case(flair)
+    assert list(case.images) == ["flair"] and case.labels is None
+
+
+def test_find_cases_in_a_dataset_root(dataset_factory):
+    paths = dataset_factory("brats2023", cases=2)
+    assert find_cases(paths[0].parent) == paths
+    msd = dataset_factory("msd", cases=2)
+    assert find_cases(msd[0].parent.parent) == msd
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _copy_case(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.fixture
+def good_case(dataset_factory, tmp_path):
+    return _copy_case(dataset_factory("brats2021", cases=1)[0], tmp_path / "BraTS2021_00001")
+
+
+def _expect(path, *fragments):
+    with pytest.raises(NapariUnetError) as info:
+        read_case(path)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_missing_modality(good_case):
+    next(good_case.glob("*_t1ce.nii.gz")).unlink()
+    _expect(good_case, str(good_case), "T1CE", "missing")
+
+
+def test_modalities_of_different_shapes(good_case):
+    t2 = next(good_case.glob("*_t2.nii.gz"))
+    img = nib.load(t2)
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), img.affine), t2)
+    _expect(good_case, t2.name, "shape")
+
+
+def test_modalities_of_different_affines(good_case):
+    t2 = next(good_case.glob("*_t2.nii.gz"))
+    img = nib.load(t2)
+    shifted = img.affine.copy()
+    shifted[0, 3] += 5
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), t2)
+    _expect(good_case, t2.name, "affine")
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (48, 48, 32, 2, 2)])
+def test_2d_and_5d_files(good_case, shape):
+    t1 = next(good_case.glob("*_t1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), t1)
+    _expect(good_case, t1.name, f"{len(shape)}D")
+
+
+def test_file_that_is_not_nifti(good_case):
+    t1 = next(good_case.glob("*_t1.nii.gz"))
+    t1.write_text("this is a radiology report, not an image\n")
+    _expect(good_case, t1.name)
+
+
+def test_truncated_gz(good_case):
+    flair = next(good_case.glob("*_flair.nii.gz"))
+    data = flair.read_bytes()
+    flair.write_bytes(data[: len(data) // 2])
+    _expect(good_case, flair.name, "truncated")
+
+
+def test_uncompressed_gz_named_file_is_read(good_case):
+    """A .nii.gz that is really gzip-compressed reads; this guards the test above."""
+    flair = next(good_case.glob("*_flair.nii.gz"))
+    assert gzip.decompress(flair.read_bytes())[:4] != b""
+
+
+def test_label_values_outside_the_convention(good_case):
+    seg = next(good_case.glob("*_seg.nii.gz"))
+    img = nib.load(seg)
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 3  # 3 is not a BraTS 2021 label (ET is 4)
+    nib.save(nib.Nifti1Image(data, img.affine), seg)
+    _expect(good_case, seg.name, "3", "brats2021")
+
+
+def test_empty_folder(tmp_path):
+    _expect(tmp_path, str(tmp_path), "no NIfTI")
+
+
+def test_a_crash_while_writing_keeps_the_previous_file(good_case, tmp_path, monkeypatch):
+    case = read_case(good_case)
+    out = tmp_path / "labels.nii.gz"
+    write_labels(case.labels, case.source, out)
+    before = out.read_bytes()
+
+    def explode(self, filename):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_filename", explode)
+    with pytest.raises(OSError):
+        write_labels(np.zeros_like(case.labels), case.source, out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.glob("*.nii*")) == ["labels.nii.gz"]
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_write_case_files_rejects_non_canonical_labels(tmp_path):
+    with pytest.raises(NapariUnetError, match="not canonical"):
+        write_case_files(tmp_path, "brats2021", "X", {m: np.zeros((4, 4, 4)) for m in MODALITIES},
+                         np.full((4, 4, 4), 7, np.uint8), np.eye(4))
