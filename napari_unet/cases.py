@@ -473,3 +473,34 @@ def write_case_files(
     if labels is not None:
         save_nifti(nifti(from_canonical(labels, LAYOUT_CONVENTION[layout])), seg_path)
     return image_paths, seg_path
+
+
+def guess_convention(path: Path, values: np.ndarray | None = None) -> str:
+    """The label convention of a bare label file, from the case naming or else its values."""
+    stem = _stem(path)
+    parent = path.parent.name
+    if stem.startswith(("BraTS-", "BraTS2023")) or parent.startswith("BraTS-"):
+        return "brats2023"
+    if stem.startswith(("BraTS20", "BraTS2021")) or parent.startswith(("BraTS20", "BraTS2021")):
+        return "brats2020"
+    if stem.startswith("BRATS_") or parent == "labelsTr":
+        return "msd"
+    if values is not None and 4 in np.unique(values):
+        return "brats2020"
+    return "canonical"
+
+
+def read_labels(path: str | os.PathLike, convention: str | None = None) -> tuple[np.ndarray, CaseSource]:
+    """A label volume (a case folder's segmentation or a bare file) -> canonical display labels."""
+    path = Path(path)
+    if path.is_dir():
+        files = find_case(path)
+        if files.seg is None:
+            raise NapariUnetError(f"{path}: the case has no segmentation file")
+        path = files.seg
+    data, img = _load(path)
+    data = _check_3d(data, path)
+    convention = convention or guess_convention(path, data)
+    layout = {"canonical": "single"}.get(convention, convention)
+    source = make_source(layout, _stem(path), path, img, label_dtype=str(np.dtype(img.get_data_dtype())))
+    return source.to_display(to_canonical(data, convention, str(path))), source

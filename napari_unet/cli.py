@@ -47,6 +47,66 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from napari_unet.cases import find_cases, read_case, write_labels
+    from napari_unet.modelfile import load_model
+    from napari_unet.predict import Predictor
+
+    loaded = load_model(args.model)
+    predictor = Predictor(loaded, args.device, tta=args.tta, batch_size=args.batch_size)
+    binary = loaded.metadata["task"] == "binary"
+    cases = [c for path in args.cases for c in find_cases(path)]
+    out = Path(args.out)
+    failures = []
+    print(f"{len(cases)} case(s), model {loaded.path.name}, device {predictor.device}", file=sys.stderr)
+    for path in cases:
+        try:
+            case = read_case(path, with_labels=False)
+            with progress_bar(case.case_id, "slice") as update:
+                prediction = predictor.predict_case(case, progress=update)
+            target = write_labels(prediction.labels, case.source, out / f"{case.case_id}.nii.gz", canonical=not binary)
+            print(f"{target}  ({prediction.seconds:.1f} s)")
+        except NapariUnetError as err:
+            if len(cases) == 1:
+                raise
+            failures.append(str(err))
+            print(f"napari-unet predict: error: {err}", file=sys.stderr)
+    if failures:
+        print(f"napari-unet predict: {len(failures)} of {len(cases)} case(s) failed", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from napari_unet.evaluation import evaluate, format_table
+
+    with progress_bar("evaluating", "case") as update:
+        result = evaluate(args.pred, args.truth, progress=update)
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from napari_unet.modelfile import describe, load_model
+
+    loaded = load_model(args.model)
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    print(describe(loaded.metadata, loaded.path))
+    print(f"parameters:    {n_params:,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-unet",
@@ -68,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxels per axis (default BraTS 240 240 155; smaller is a coarser grid)")
     p.add_argument("--start", type=int, default=1, help="number of the first case")
     p.set_defaults(run=_cmd_synth)
+
+    p = sub.add_parser("predict", help="propose tumour labels for cases")
+    p.add_argument("cases", nargs="+", metavar="CASE", help="case folder or file (any layout), or a folder of cases")
+    p.add_argument("--out", required=True, help="output folder: OUT/<case_id>.nii.gz")
+    p.add_argument("--model", help="model file (default: the model shipped with napari-unet)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--tta", action="store_true", help="average over flips (4x slower, a little better)")
+    p.add_argument("--batch-size", type=int, help="slices per batch (default: from a memory budget)")
+    p.set_defaults(run=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 for WT, TC and ET")
+    p.add_argument("pred", help="predicted label file, or a folder of <case_id>.nii.gz")
+    p.add_argument("truth", help="truth label file, case folder, or a folder of cases")
+    p.add_argument("--json", help="also write the scores to this JSON file")
+    p.set_defaults(run=_cmd_evaluate)
+
+    p = sub.add_parser("info", help="print a model file's metadata")
+    p.add_argument("model", nargs="?", help="model file (default: the shipped model)")
+    p.set_defaults(run=_cmd_info)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

@@ -1,0 +1,218 @@
+"""The inference engine: one code path for the CLI, the napari widget and training's validation.
+
+Slices of the brain's bounding box go through the network in batches under
+`torch.inference_mode()`, on the chosen device, with mixed precision on CUDA. The normalised
+crop is moved to the device once and the labels come back once, so a GPU runs a whole case
+with no host round trips per slice. Memory is bounded by the batch size (never the whole
+volume's activations). `progress(done, total)` and `cancel()` callbacks serve the tqdm bar and
+Ctrl-C of the CLI as well as the widget's progress bar and Cancel button.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_unet import NapariUnetError
+from napari_unet.modelfile import LoadedModel, check_modalities
+from napari_unet.preprocess import Normalisation, prepare
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+
+class Cancelled(NapariUnetError):
+    """The user cancelled; nothing was changed."""
+
+
+def resolve_device(name: str = "auto"):
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NapariUnetError(f"device {name!r}: no CUDA GPU is available (try --device auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise NapariUnetError("device 'mps': Apple's Metal backend is not available (try --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise NapariUnetError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+
+
+@dataclass
+class PreparedVolume:
+    """A case normalised and cropped once, reusable for many (e.g. per-slice) proposals."""
+
+    crop: np.ndarray  # (C, Zc, Yc, Xc) float32, z-scored
+    box: tuple[slice, ...]  # where the crop lies in the volume (Z, Y, X)
+    mask: np.ndarray  # brain mask of the crop
+    shape: tuple[int, int, int]  # the full volume's (Z, Y, X)
+
+    def brain_slices(self) -> np.ndarray:
+        """Absolute axial indices of the slices that hold brain."""
+        return np.flatnonzero(self.mask.any(axis=(1, 2))) + self.box[0].start
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # (Z, Y, X) uint8, canonical (binary task: 1 = tumour)
+    uncertainty: np.ndarray | None  # (Z, Y, X) float32 in [0, 1], normalised entropy
+    computed_slices: np.ndarray  # axial indices that went through the network
+    seconds: float
+
+    def slice_uncertainty(self) -> np.ndarray:
+        """Mean uncertainty per axial slice (NaN where nothing was computed)."""
+        scores = np.full(self.labels.shape[0], np.nan, np.float32)
+        if self.uncertainty is not None and self.computed_slices.size:
+            u = self.uncertainty[self.computed_slices]
+            scores[self.computed_slices] = u.reshape(len(u), -1).mean(axis=1)
+        return scores
+
+
+class Predictor:
+    """A loaded model on a device, ready to propose labels for cases."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str = "auto",
+        *,
+        tta: bool = False,
+        batch_size: int | None = None,
+        memory_budget_mb: float | None = None,
+    ):
+        import torch
+
+        from napari_unet.unet import fuse_batchnorm
+
+        self.metadata = loaded.metadata
+        self.modalities = loaded.modalities
+        self.device = resolve_device(device)
+        self.norm = Normalisation.from_dict(self.metadata["normalisation"])
+        self.tta = tta
+        # Inference works on a copy: BatchNorm is folded into the convolutions, the caller's
+        # model (which fine-tuning may go on training) stays as it was.
+        model = fuse_batchnorm(copy.deepcopy(loaded.model).eval())
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.base_channels = model.config.base_channels
+        self.batch_size = batch_size
+        if memory_budget_mb is None:
+            memory_budget_mb = 256.0
+            if self.device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(self.device)
+                memory_budget_mb = free / 2**20 / 4
+        self.memory_budget_mb = memory_budget_mb
+
+    # ------------------------------------------------------------------ public API
+    def prepare(self, stack: np.ndarray) -> PreparedVolume:
+        """Raw (C, Z, Y, X) intensities in the model's modality order -> normalised crop."""
+        if stack.ndim != 4 or stack.shape[0] != len(self.modalities):
+            raise NapariUnetError(
+                f"expected {len(self.modalities)} modalities ({', '.join(self.modalities)}) as (C, Z, Y, X), "
+                f"got an array of shape {stack.shape}"
+            )
+        crop, box, mask = prepare(stack, self.norm)
+        return PreparedVolume(crop, box, mask, tuple(stack.shape[1:]))
+
+    def prepare_case(self, case) -> PreparedVolume:
+        check_modalities(self.metadata, list(case.images), case.source.path or case.case_id)
+        return self.prepare(case.stack(self.modalities))
+
+    def predict_case(self, case, **kwargs) -> Prediction:
+        return self.predict(self.prepare_case(case), **kwargs)
+
+    def predict(
+        self,
+        volume: PreparedVolume | np.ndarray,
+        *,
+        slices: Sequence[int] | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+        with_uncertainty: bool = False,
+    ) -> Prediction:
+        """Labels for the whole volume, or only for `slices` (absolute axial indices)."""
+        import torch
+
+        start = time.perf_counter()
+        if not isinstance(volume, PreparedVolume):
+            volume = self.prepare(np.asarray(volume, dtype=np.float32))
+        z0 = volume.box[0].start
+        todo = volume.brain_slices()  # slices without brain are never computed
+        if slices is not None:
+            todo = np.intersect1d(todo, np.asarray(list(slices), dtype=int))
+        labels = np.zeros(volume.shape, np.uint8)
+        uncertainty = np.zeros(volume.shape, np.float32) if with_uncertainty else None
+        total = len(todo)
+        if progress:
+            progress(0, total)
+        if total == 0:
+            return Prediction(labels, uncertainty, todo, time.perf_counter() - start)
+
+        dev = self.device
+        crop = torch.from_numpy(volume.crop).to(dev)  # once per case
+        mask = torch.from_numpy(volume.mask).to(dev)
+        rel = torch.as_tensor(todo - z0, device=dev)
+        out_labels = torch.zeros((total,) + volume.crop.shape[2:], dtype=torch.uint8, device=dev)
+        out_unc = torch.zeros((total,) + volume.crop.shape[2:], dtype=torch.float32, device=dev) if with_uncertainty else None
+        batch = self._batch_size(volume.crop.shape[2:])
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        )
+        with torch.inference_mode(), autocast:
+            for first in range(0, total, batch):
+                if cancel is not None and cancel():
+                    raise Cancelled("cancelled; no labels were changed")
+                idx = rel[first : first + batch]
+                x = crop.index_select(1, idx).transpose(0, 1).contiguous(memory_format=torch.channels_last)
+                probs = self._probabilities(x)
+                lab = probs.argmax(1).to(torch.uint8)
+                lab *= mask.index_select(0, idx)  # no tumour outside the brain
+                out_labels[first : first + batch] = lab
+                if out_unc is not None:
+                    ent = -(probs * torch.log(probs.clamp_min(1e-8))).sum(1) / np.log(probs.shape[1])
+                    out_unc[first : first + batch] = ent * mask.index_select(0, idx)
+                if progress:
+                    progress(min(first + batch, total), total)
+        box_yx = volume.box[1:]
+        labels[(todo,) + box_yx] = out_labels.cpu().numpy()  # one transfer back
+        if uncertainty is not None:
+            uncertainty[(todo,) + box_yx] = out_unc.cpu().numpy()
+        return Prediction(labels, uncertainty, todo, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ internals
+    def _probabilities(self, x):
+        import torch
+
+        from napari_unet.unet import forward_padded
+
+        def run(inp):
+            return torch.softmax(forward_padded(self.model, inp).float(), dim=1)
+
+        if not self.tta:
+            return run(x)
+        # Test-time augmentation: average over the in-plane flips.
+        total = run(x)
+        for dims in ((3,), (2,), (2, 3)):
+            total += run(x.flip(dims)).flip(dims)
+        return total / 4
+
+    def _batch_size(self, plane: tuple[int, int]) -> int:
+        if self.batch_size:
+            return self.batch_size
+        # Activations of one slice: ~12 feature maps of the first level's size at once
+        # (deeper levels add about as much again).
+        per_slice_mb = plane[0] * plane[1] * self.base_channels * 4 * 24 / 2**20
+        if self.tta:
+            per_slice_mb *= 1.5
+        return int(max(1, min(64, self.memory_budget_mb // per_slice_mb)))

@@ -1,0 +1,78 @@
+"""Pre-processing shared by training and inference (its parameters live in the model file).
+
+z-score per modality inside the brain (the non-zero voxels of a skull-stripped case), zero
+outside; crop to the brain's bounding box (with a margin) and paste predictions back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from napari_unet import NapariUnetError
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    method: str = "zscore-brain"
+    crop: str = "brain-box"
+    margin: int = 4  # voxels kept around the brain in-plane
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Normalisation":
+        known = {k: data[k] for k in ("method", "crop", "margin") if k in data}
+        norm = cls(**known)
+        if norm.method != "zscore-brain":
+            raise NapariUnetError(f"unknown normalisation method {norm.method!r}")
+        return norm
+
+
+def brain_mask(stack: np.ndarray) -> np.ndarray:
+    """(C, *S) -> bool (*S): voxels where any modality is non-zero."""
+    return np.any(stack != 0, axis=0)
+
+
+def zscore(stack: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-channel z-score over the brain; 0 outside it. (C, *S) float32."""
+    out = np.zeros(stack.shape, np.float32)
+    for c in range(stack.shape[0]):
+        values = stack[c][mask]
+        if values.size == 0:
+            continue
+        mean = float(values.mean(dtype=np.float64))
+        std = float(values.std(dtype=np.float64)) or 1.0
+        out[c][mask] = (values - mean) / std
+    return out
+
+
+def brain_box(mask: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
+    """Bounding box of the brain (Z, Y, X): the slices holding brain, in-plane with a margin."""
+    if not mask.any():
+        return tuple(slice(0, 0) for _ in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        pad = 0 if axis == 0 else margin  # slices without brain need no prediction
+        box.append(slice(max(0, hits[0] - pad), min(mask.shape[axis], hits[-1] + 1 + pad)))
+    return tuple(box)
+
+
+def prepare(stack: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, tuple[slice, ...], np.ndarray]:
+    """Raw (C, Z, Y, X) -> (normalised crop, its box in the volume, brain mask of the crop)."""
+    mask = brain_mask(stack)
+    box = brain_box(mask, norm.margin)
+    crop = stack[(slice(None),) + box]
+    crop_mask = mask[box]
+    return zscore(crop, crop_mask), box, crop_mask
+
+
+def paste(crop: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...], fill=0) -> np.ndarray:
+    """Put a cropped prediction back into a volume of `shape`."""
+    out = np.full(shape, fill, dtype=crop.dtype)
+    out[box] = crop
+    return out
