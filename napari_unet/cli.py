@@ -107,6 +107,63 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _settings(args, defaults: dict):
+    from training.loop import Settings
+
+    values = dict(defaults)
+    for key in ("steps", "batch_size", "patch", "lr", "seed", "device", "val_every", "checkpoint_every"):
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    return Settings(**values)
+
+
+def _cmd_train(args) -> int:
+    from napari_unet.unet import UNetConfig
+    from training.loop import ddp_info, train
+
+    _, rank, _, _ = ddp_info()
+    config = UNetConfig(base_channels=args.base_channels, depth=args.depth, padding=args.padding, norm=args.norm)
+    settings = _settings(args, {"checkpoint_every": 100})
+    if args.epochs is not None:  # an epoch is --steps-per-epoch steps, validated at its end
+        settings.steps = args.epochs * args.steps_per_epoch
+        settings.val_every = args.steps_per_epoch
+    elif not settings.val_every:
+        settings.val_every = max(1, settings.steps // 10)
+    master = rank == 0
+    with progress_bar("loading cases", "case") as load_update, progress_bar("training", "step") as update:
+        result = train(
+            args.data, args.out, settings=settings, config=config, task=args.task,
+            val_fraction=args.val_fraction, resume=args.resume,
+            progress=update if master else None, load_progress=load_update if master else None,
+            log=(lambda msg: print(msg, file=sys.stderr)) if master else None,
+        )
+    if master:
+        print(f"wrote {result.path} after {result.steps} steps in {result.seconds:.0f} s; "
+              f"validation Dice {result.metadata['training'].get('validation_dice')}")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from training.loop import FINETUNE_DEFAULTS, finetune
+
+    with progress_bar("fine-tuning", "step") as update:
+        result = finetune(
+            args.store, args.model, args.out,
+            settings=_settings(args, FINETUNE_DEFAULTS),
+            replay=args.replay, progress=update,
+        )
+    note = " (stopped early: no more improvement)" if result.stopped_early else ""
+    print(f"wrote {result.path} after {result.steps} steps in {result.seconds:.1f} s{note}")
+    return 0
+
+
+def _cmd_annotate(args) -> int:
+    from napari_unet.app import run_app
+
+    return run_app(args.case, model=args.model, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-unet",
@@ -147,6 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model file's metadata")
     p.add_argument("model", nargs="?", help="model file (default: the shipped model)")
     p.set_defaults(run=_cmd_info)
+
+    p = sub.add_parser("train", help="train a model on a BraTS root (torchrun for several GPUs)")
+    p.add_argument("data", help="BraTS root folder (any layout), every slice trusted")
+    p.add_argument("--out", required=True, help="model file to write (.safetensors); a checkpoint goes beside it")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    length.add_argument("--epochs", type=int, help="epochs of --steps-per-epoch steps, validating after each")
+    p.add_argument("--steps-per-epoch", type=int, default=100)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of cases held out for validation")
+    p.add_argument("--val-every", type=int, help="steps between validations")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--task", choices=["multiclass", "binary"], default="multiclass")
+    p.add_argument("--base-channels", type=int, default=16, help="width (the paper: 64)")
+    p.add_argument("--depth", type=int, default=4, help="number of poolings (the paper: 4)")
+    p.add_argument("--padding", choices=["same", "valid"], default="same")
+    p.add_argument("--norm", choices=["none", "batch", "instance"], default="batch")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--patch", type=int, help="training patch size in pixels (default 128)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on the reviewed slices of a corrections store")
+    p.add_argument("store", help="corrections store: case folders with corrections.json")
+    p.add_argument("--model", help="base model (default: the shipped model); never modified")
+    p.add_argument("--out", required=True, help="the new model file")
+    p.add_argument("--steps", type=int, help="at most this many steps (default 60; stops early)")
+    p.add_argument("--replay", help="a BraTS root mixed in so the model does not forget")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_cmd_finetune)
+
+    p = sub.add_parser("annotate", help="open napari with the annotation widget and a case")
+    p.add_argument("case", nargs="?", help="case folder or file (default: a synthetic case)")
+    p.add_argument("--model", help="model file (default: the shipped model)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_cmd_annotate)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

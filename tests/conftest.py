@@ -44,3 +44,24 @@ def expected_labels(seed: int, index: int, shape=SMALL) -> np.ndarray:
 
     _, labels, _ = generate(np.random.default_rng([seed, index]), shape, 0.0)
     return labels
+
+
+# A model trained in seconds on coarse synthetic cases: the real network, the real loop.
+TRAIN_SHAPE = (96, 96, 62)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, dataset_factory):
+    """(path, Result) of a small U-Net trained on 8 standard-appearance cases."""
+    from napari_unet.unet import UNetConfig
+    from training.loop import Settings, train
+
+    cases = dataset_factory("brats2021", cases=8, seed=11, shape=TRAIN_SHAPE)
+    out = tmp_path_factory.mktemp("tiny_model") / "tiny.safetensors"
+    result = train(
+        cases[0].parent, out,
+        settings=Settings(steps=300, batch_size=8, patch=64, lr=3e-3, seed=0, device="cpu", val_every=0),
+        config=UNetConfig(base_channels=8, depth=3, padding="same", norm="batch"),
+        val_fraction=0.0,
+    )
+    return out, result

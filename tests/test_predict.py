@@ -1,0 +1,111 @@
+"""The inference engine and the predict/evaluate/info commands, with a really trained model."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import TRAIN_SHAPE
+
+from napari_unet import NapariUnetError
+from napari_unet.cases import find_case, read_case
+from napari_unet.cli import main
+from napari_unet.metrics import region_scores
+from napari_unet.modelfile import load_model
+from napari_unet.predict import Cancelled, Predictor, resolve_device
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model):
+    return Predictor(load_model(tiny_model[0]), "cpu")
+
+
+def test_auto_device_is_the_cpu_here_and_unknown_devices_are_refused():
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(NapariUnetError, match="CUDA"):
+        resolve_device("cuda")
+
+
+def test_predicted_labels_match_the_truth(predictor, dataset_factory):
+    case = read_case(dataset_factory("brats2021", cases=2, seed=13, shape=TRAIN_SHAPE)[0])
+    prediction = predictor.predict_case(case, with_uncertainty=True)
+    scores = region_scores(prediction.labels, case.labels, case.spacing)
+    assert scores["WT"]["dice"] > 0.85 and scores["TC"]["dice"] > 0.6
+    assert prediction.labels.shape == case.shape
+    # Nothing is proposed outside the brain, and slices without brain are never computed.
+    brain = case.stack().any(axis=0)
+    assert not prediction.labels[~brain].any()
+    assert set(prediction.computed_slices) == set(np.flatnonzero(brain.any(axis=(1, 2))))
+    assert 0 <= prediction.uncertainty.min() and prediction.uncertainty.max() <= 1
+
+
+def test_single_slice_proposal_equals_the_full_volume_on_that_slice(predictor, dataset_factory):
+    case = read_case(dataset_factory("brats2021", cases=2, seed=13, shape=TRAIN_SHAPE)[0])
+    volume = predictor.prepare_case(case)
+    full = predictor.predict(volume).labels
+    z = int(np.argmax((case.labels > 0).sum(axis=(1, 2))))
+    one = predictor.predict(volume, slices=[z])
+    assert list(one.computed_slices) == [z]
+    np.testing.assert_array_equal(one.labels[z], full[z])
+    assert not one.labels[np.arange(len(full)) != z].any()
+
+
+def test_flip_tta_is_close_to_the_plain_prediction(tiny_model, dataset_factory):
+    case = read_case(dataset_factory("brats2021", cases=2, seed=13, shape=TRAIN_SHAPE)[0])
+    tta = Predictor(load_model(tiny_model[0]), "cpu", tta=True).predict_case(case).labels
+    assert region_scores(tta, case.labels)["WT"]["dice"] > 0.85
+
+
+def test_cancel_stops_within_one_batch(tiny_model, dataset_factory):
+    case = read_case(dataset_factory("brats2021", cases=2, seed=13, shape=TRAIN_SHAPE)[0])
+    predictor = Predictor(load_model(tiny_model[0]), "cpu", batch_size=4)
+    seen = []
+    with pytest.raises(Cancelled):
+        predictor.predict_case(case, progress=lambda done, total: seen.append(done), cancel=lambda: len(seen) >= 2)
+    assert seen == [0, 4]  # the first batch ran, the second never started
+
+
+def test_predict_writes_aligned_files_for_every_layout(tiny_model, dataset_factory, layout, tmp_path):
+    case_path = dataset_factory(layout, cases=1, seed=13, shape=TRAIN_SHAPE)[0]
+    assert main(["predict", str(case_path), "--out", str(tmp_path), "--model", str(tiny_model[0])]) == 0
+    case = read_case(case_path)
+    out = tmp_path / f"{case.case_id}.nii.gz"
+    written, seg = nib.load(out), nib.load(find_case(case_path).seg)
+    np.testing.assert_allclose(written.affine, seg.affine)
+    assert written.shape == seg.shape
+    values = set(np.unique(np.asarray(written.dataobj)).tolist())
+    assert values <= set(np.unique(np.asarray(seg.dataobj)).tolist())  # the layout's own values
+    # Aligned: the written file scores well against the layout's own segmentation file.
+    assert main(["evaluate", str(out), str(find_case(case_path).seg), "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["mean"]["WT"]["dice"] > 0.85
+
+
+def test_predict_a_folder_of_cases_and_evaluate_folders(tiny_model, dataset_factory, tmp_path, capsys):
+    cases = dataset_factory("brats2023", cases=2, seed=13, shape=TRAIN_SHAPE)
+    assert main(["predict", str(cases[0].parent), "--out", str(tmp_path / "pred"), "--model", str(tiny_model[0])]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{c.name}.nii.gz" for c in cases]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "pred"), str(cases[0].parent), "--json", str(tmp_path / "e.json")]) == 0
+    table = capsys.readouterr().out
+    assert "WT Dice" in table and cases[0].name in table and "mean" in table
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert set(result["cases"]) == {c.name for c in cases}
+    assert set(result["mean"]) == {"WT", "TC", "ET"} and set(result["mean"]["ET"]) == {"dice", "hd95"}
+
+
+def test_predict_on_a_bad_case_is_a_clear_error(tiny_model, tmp_path, capsys):
+    (tmp_path / "BraTS2021_00009").mkdir()
+    (tmp_path / "BraTS2021_00009" / "BraTS2021_00009_flair.nii.gz").write_bytes(b"junk")
+    code = main(["predict", str(tmp_path / "BraTS2021_00009"), "--out", str(tmp_path / "o"), "--model", str(tiny_model[0])])
+    err = capsys.readouterr().err
+    assert code == 2 and "BraTS2021_00009" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_info_prints_the_metadata(tiny_model, capsys):
+    assert main(["info", str(tiny_model[0])]) == 0
+    out = capsys.readouterr().out
+    assert "8 base channels" in out and "t1, t1ce, t2, flair" in out and "parameters:" in out

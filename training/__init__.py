@@ -1,0 +1,4 @@
+"""Headless training: datasets over BraTS roots and corrections stores, losses, one loop.
+
+Never imports Qt or napari; the napari widget calls these same functions.
+"""

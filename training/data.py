@@ -1,0 +1,208 @@
+"""Slice datasets over BraTS roots (every slice trusted) and corrections stores (reviewed slices).
+
+A corrections store is a folder of case folders in any layout the reader knows, each with an
+optional `corrections.json`:
+
+    {"reviewed_slices": [axial indices]}
+
+(axial = the NIfTI's third voxel axis, as BraTS stores it). Only the reviewed slices of a case
+with a corrections.json teach the model; a case without one counts as fully annotated.
+Tools other than napari (ITK-SNAP, 3D Slicer) can write the same store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from napari_unet import NapariUnetError
+from napari_unet.cases import Case, find_cases, read_case
+from napari_unet.modelfile import check_modalities
+from napari_unet.preprocess import Normalisation, prepare
+
+CORRECTIONS_FILE = "corrections.json"
+
+
+@dataclass
+class TrainCase:
+    """A case ready for training: normalised crop, labels, and the slices it may teach from."""
+
+    case_id: str
+    image: np.ndarray  # (C, Z, H, W) float16, z-scored brain-box crop
+    labels: np.ndarray  # (Z, H, W) uint8 canonical
+    trusted: np.ndarray  # crop-relative axial indices whose labels are trusted
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def tumour_slices(self) -> np.ndarray:
+        has = self.labels[self.trusted].reshape(len(self.trusted), -1).any(axis=1)
+        return self.trusted[has]
+
+
+def slice_hash(labels_slice: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(labels_slice, dtype=np.uint8).tobytes()).hexdigest()[:16]
+
+
+def train_case(case: Case, modalities, norm: Normalisation, reviewed: list[int] | None = None) -> TrainCase:
+    """A read case -> TrainCase; `reviewed` are display axial indices (None: all brain slices)."""
+    if case.labels is None:
+        raise NapariUnetError(f"{case.source.path}: the case has no segmentation to learn from")
+    check_modalities({"modalities": list(modalities)}, list(case.images), case.source.path)
+    crop, box, mask = prepare(case.stack(modalities), norm)
+    labels = case.labels[box]
+    z0, nz = box[0].start, crop.shape[1]
+    brain = np.flatnonzero(mask.any(axis=(1, 2)))
+    if reviewed is None:
+        trusted = brain
+    else:
+        rel = np.asarray(sorted(set(reviewed)), int) - z0
+        trusted = rel[(rel >= 0) & (rel < nz)]
+    provenance = {
+        "case": case.case_id,
+        "path": case.source.path,
+        "slices": [int(case.source.axial_to_file_index(int(z + z0))) for z in trusted] if reviewed is not None else "all",
+    }
+    if reviewed is not None:
+        provenance["sha256"] = [slice_hash(labels[z]) for z in trusted]
+    return TrainCase(case.case_id, crop.astype(np.float16), labels, trusted.astype(int), provenance)
+
+
+def _progress_iter(items, progress):
+    for i, item in enumerate(items):
+        yield item
+        if progress:
+            progress(i + 1, len(items))
+
+
+def load_root(root, modalities, norm: Normalisation, progress: Callable | None = None) -> list[TrainCase]:
+    """Every case under a BraTS root (any layout), all slices trusted."""
+    cases = find_cases(root)
+    return [train_case(read_case(p), modalities, norm) for p in _progress_iter(cases, progress)]
+
+
+def read_corrections(case_dir: Path, n_axial: int) -> list[int] | None:
+    """The reviewed file-axial indices of a store case (None: no corrections.json)."""
+    path = case_dir / CORRECTIONS_FILE if case_dir.is_dir() else case_dir.with_name(CORRECTIONS_FILE)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NapariUnetError(f"{path}: not valid JSON ({err})") from None
+    slices = data.get("reviewed_slices") if isinstance(data, dict) else None
+    if not isinstance(slices, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in slices):
+        raise NapariUnetError(f'{path}: expected {{"reviewed_slices": [axial indices as integers]}}')
+    bad = [s for s in slices if not 0 <= s < n_axial]
+    if bad:
+        raise NapariUnetError(f"{path}: reviewed slices {bad[:5]} are outside the volume (0..{n_axial - 1})")
+    return slices
+
+
+def load_store(store, modalities, norm: Normalisation, progress: Callable | None = None) -> list[TrainCase]:
+    """The reviewed slices of every case in a corrections store."""
+    store = Path(store)
+    if not store.is_dir():
+        raise NapariUnetError(f"{store}: the corrections store must be a folder of cases")
+    if not any(store.iterdir()):
+        raise NapariUnetError(f"{store}: the corrections store is empty")
+    out = []
+    for path in _progress_iter(find_cases(store), progress):
+        case = read_case(path)
+        file_slices = read_corrections(Path(path), case.source.shape[2])
+        reviewed = None if file_slices is None else [case.source.file_to_axial_index(s) for s in file_slices]
+        tc = train_case(case, modalities, norm, reviewed)
+        if len(tc.trusted):
+            out.append(tc)
+    if not out:
+        raise NapariUnetError(f"{store}: no reviewed slices to learn from (every corrections.json is empty)")
+    return out
+
+
+def split_validation(cases: list[TrainCase], fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0 or len(cases) < 2:
+        return cases, []
+    n_val = max(1, int(round(len(cases) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(cases))
+    val = set(order[:n_val].tolist())
+    return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
+
+
+class SliceSampler:
+    """Random patches of trusted slices, half of them centred on tumour."""
+
+    def __init__(self, cases: list[TrainCase], patch: int = 128, tumour_fraction: float = 0.5):
+        if not cases:
+            raise NapariUnetError("no training cases")
+        self.cases = cases
+        self.patch = patch
+        self.tumour_fraction = tumour_fraction
+        self.tumour = [c.tumour_slices for c in cases]
+        weights = np.array([len(c.trusted) for c in cases], float)
+        self.case_p = weights / weights.sum()
+
+    @property
+    def n_slices(self) -> int:
+        return int(sum(len(c.trusted) for c in self.cases))
+
+    def _patch(self, case: TrainCase, z: int, centre: tuple[int, int]):
+        p = self.patch
+        _, _, h, w = case.image.shape
+        y0 = int(np.clip(centre[0] - p // 2, min(0, h - p), max(0, h - p)))
+        x0 = int(np.clip(centre[1] - p // 2, min(0, w - p), max(0, w - p)))
+        img = np.zeros((case.image.shape[0], p, p), np.float32)
+        lab = np.zeros((p, p), np.int64)
+        ys, xs = slice(max(0, y0), min(h, y0 + p)), slice(max(0, x0), min(w, x0 + p))
+        dy, dx = ys.start - y0, xs.start - x0
+        img[:, dy : dy + ys.stop - ys.start, dx : dx + xs.stop - xs.start] = case.image[:, z, ys, xs]
+        lab[dy : dy + ys.stop - ys.start, dx : dx + xs.stop - xs.start] = case.labels[z, ys, xs]
+        return img, lab
+
+    def sample(self, n: int, rng: np.random.Generator):
+        """(x (n, C, P, P) float32, y (n, P, P) int64) as numpy arrays."""
+        xs, ys = [], []
+        for _ in range(n):
+            k = int(rng.choice(len(self.cases), p=self.case_p))
+            case = self.cases[k]
+            on_tumour = len(self.tumour[k]) and rng.random() < self.tumour_fraction
+            z = int(rng.choice(self.tumour[k] if on_tumour else case.trusted))
+            plane = case.labels[z] > 0 if on_tumour else np.any(case.image[:, z] != 0, axis=0)
+            cand = np.argwhere(plane)
+            if len(cand):
+                centre = tuple(cand[rng.integers(len(cand))])
+            else:
+                centre = (case.image.shape[2] // 2, case.image.shape[3] // 2)
+            img, lab = self._patch(case, z, centre)
+            xs.append(img)
+            ys.append(lab)
+        return np.stack(xs), np.stack(ys)
+
+
+def augment(x, y, generator):
+    """Flips, small rotations and scalings, intensity jitter; on torch tensors (N, C, H, W), (N, H, W)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    g = generator
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    y = torch.where(flip[:, None, None], y.flip(2), y)
+    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(15)
+    scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * 0.1
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    brain = (x != 0).any(1, keepdim=True)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    brain = F.grid_sample(brain.float(), grid, mode="nearest", align_corners=False) > 0
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0].long()
+    gain = 1 + (torch.rand(n, x.shape[1], 1, 1, generator=g) * 2 - 1) * 0.15
+    shift = (torch.rand(n, x.shape[1], 1, 1, generator=g) * 2 - 1) * 0.15
+    x = torch.where(brain, x * gain + shift, torch.zeros_like(x))
+    return x, y
