@@ -161,6 +161,7 @@ def save_model(model, metadata: dict, path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         save_file(state, str(tmp), metadata={META_KEY: json.dumps(metadata)})
+        os.chmod(tmp, 0o644)  # a model file is for sharing, not a secret
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -88,7 +88,9 @@ def load_root(root, modalities, norm: Normalisation, progress: Callable | None =
 
 def read_corrections(case_dir: Path, n_axial: int) -> list[int] | None:
     """The reviewed file-axial indices of a store case (None: no corrections.json)."""
-    path = case_dir / CORRECTIONS_FILE if case_dir.is_dir() else case_dir.with_name(CORRECTIONS_FILE)
+    from napari_unet.session import corrections_path
+
+    path = corrections_path(case_dir)
     if not path.exists():
         return None
     try:

@@ -45,6 +45,9 @@ class Settings:
     freeze_batchnorm: bool = False  # fine-tuning keeps the statistics of the base model
     replay_fraction: float = 0.0  # share of each batch drawn from earlier data
     augment: bool = True
+    tumour_fraction: float = 0.5  # share of patches centred on tumour
+    trainable: str = "all"  # "all", or "input": only the first level (adapts to a new scanner's contrasts)
+    optimizer: str = "adamw"  # "adamw" (training) or "sgd" (fine-tuning: steps shrink with the error)
 
 
 @dataclass
@@ -160,13 +163,17 @@ def run(
     torch.manual_seed(s.seed + rank)
     rng = np.random.default_rng([s.seed, rank])
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank)
-    sampler = SliceSampler(train_cases, s.patch)
-    replay = SliceSampler(list(replay_cases), s.patch) if replay_cases else None
+    sampler = SliceSampler(train_cases, s.patch, s.tumour_fraction)
+    replay = SliceSampler(list(replay_cases), s.patch, s.tumour_fraction) if replay_cases else None
     model.to(device).to(memory_format=torch.channels_last)
     if is_ddp and device.type == "cuda" and model.config.norm == "batch":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if is_ddp else model
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    params = list(model.parameters()) if s.trainable == "all" else list(model.inc.parameters())
+    if s.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=s.lr, momentum=0.9, nesterov=True, weight_decay=s.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -303,7 +310,29 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-FINETUNE_DEFAULTS = dict(steps=60, batch_size=8, patch=128, lr=5e-4, warmup=5, early_stop_patience=25,
+def self_replay(loaded: LoadedModel, cases: list[TrainCase], device: str = "cpu") -> list[TrainCase]:
+    """The base model's own labels on the slices nobody reviewed, to mix into fine-tuning.
+
+    Reviewed slices are usually tumour slices; trained on them alone a model learns that
+    every slice holds tumour. Replaying what the base model said elsewhere (where the user
+    corrected nothing) keeps its knowledge of healthy slices without needing its old data.
+    """
+    predictor = Predictor(loaded, device)
+    replay = []
+    for case in cases:
+        crop = case.image.astype(np.float32)
+        mask = np.any(crop != 0, axis=0)
+        z, h, w = case.labels.shape
+        volume = PreparedVolume(crop, (slice(0, z), slice(0, h), slice(0, w)), mask, (z, h, w))
+        others = np.setdiff1d(volume.brain_slices(), case.trusted)
+        if not len(others):
+            continue
+        labels = predictor.predict(volume, slices=others).labels
+        replay.append(TrainCase(case.case_id, case.image, labels, others, {"case": case.case_id, "self_replay": True}))
+    return replay
+
+
+FINETUNE_DEFAULTS = dict(steps=60, batch_size=8, patch=128, lr=3e-4, warmup=5, early_stop_patience=25, replay_fraction=0.5,
                          freeze_batchnorm=True)
 
 
@@ -327,16 +356,19 @@ def finetune(
         raise NapariUnetError(f"{out}: the new model must not overwrite the base model")
     norm = Normalisation.from_dict(loaded.metadata["normalisation"])
     cases = load_store(store, loaded.modalities, norm)
-    replay_cases = load_root(replay, loaded.modalities, norm) if replay else []
+    if replay:
+        replay_cases = load_root(replay, loaded.modalities, norm)
+    else:
+        replay_cases = self_replay(loaded, cases, settings.device)
     if replay_cases and not settings.replay_fraction:
-        settings.replay_fraction = 0.25
+        settings.replay_fraction = 0.5
     metadata = dict(loaded.metadata)
     metadata["training"] = {
         "kind": "fine-tuned",
         "base_model": {"file": loaded.path.name, "sha256": file_sha256(loaded.path),
                        "training": loaded.metadata.get("training", {})},
         "corrections": [c.provenance for c in cases],
-        "replay": str(replay) if replay else None,
+        "replay": str(replay) if replay else "self (the base model's labels on unreviewed slices)",
     }
     return run(loaded.model, metadata, cases, settings, out=out, replay_cases=replay_cases,
                progress=progress, cancel=cancel, log=log)

@@ -1,0 +1,190 @@
+"""Training and fine-tuning: loss goes down, runs are reproducible and resumable, DDP runs,
+fine-tuning on a few reviewed slices helps on a new scanner and never touches the base model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TRAIN_SHAPE
+
+from napari_unet import NapariUnetError
+from napari_unet.cases import read_case
+from napari_unet.cli import main
+from napari_unet.metrics import region_scores
+from napari_unet.modelfile import load_model, make_metadata
+from napari_unet.predict import Cancelled, Predictor
+from napari_unet.preprocess import Normalisation
+from napari_unet.unet import UNet, UNetConfig
+from training.data import load_root, load_store
+from training.loop import Settings, file_sha256, finetune, run
+from training.losses import region_dice_ce
+
+SMALL_NET = UNetConfig(base_channels=4, depth=2, padding="same", norm="batch")
+QUICK = dict(batch_size=4, patch=48, seed=3, device="cpu", warmup=2)
+
+
+def test_short_training_lowers_the_loss_and_writes_a_loadable_model(tiny_model):
+    path, result = tiny_model
+    losses = [h["loss"] for h in result.history]
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    loaded = load_model(path)
+    assert loaded.metadata["training"]["steps"] == 300
+    assert loaded.metadata["training"]["kind"] == "from scratch"
+
+
+@pytest.fixture(scope="module")
+def small_cases(dataset_factory):
+    paths = dataset_factory("brats2021", cases=8, seed=11, shape=TRAIN_SHAPE)
+    return load_root(paths[0].parent, ("t1", "t1ce", "t2", "flair"), Normalisation())[:3]
+
+
+def _fresh(seed=0):
+    torch.manual_seed(seed)
+    model = UNet(SMALL_NET)
+    return model, make_metadata(SMALL_NET)
+
+
+def test_cpu_training_is_deterministic(small_cases):
+    weights = []
+    for _ in range(2):
+        model, meta = _fresh()
+        run(model, meta, small_cases, Settings(steps=4, **QUICK))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_resume_continues_exactly_where_it_stopped(small_cases, tmp_path):
+    straight, meta = _fresh()
+    run(straight, meta, small_cases, Settings(steps=8, **QUICK), out=tmp_path / "a.safetensors")
+
+    interrupted, meta = _fresh()
+    steps_seen = []
+    with pytest.raises(Cancelled):  # a kill after step 4, when the checkpoint was written
+        run(interrupted, meta, small_cases, Settings(steps=8, checkpoint_every=4, **QUICK),
+            out=tmp_path / "b.safetensors", progress=lambda step, total, **_: steps_seen.append(step),
+            cancel=lambda: len(steps_seen) >= 4)
+    assert not (tmp_path / "b.safetensors").exists() and (tmp_path / "b.checkpoint.pt").exists()
+    resumed, meta = _fresh(seed=99)  # different initial weights: everything must come from the checkpoint
+    result = run(resumed, meta, small_cases, Settings(steps=8, checkpoint_every=4, **QUICK),
+                 out=tmp_path / "b.safetensors", resume=True)
+    assert result.steps == 8
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(small_cases, tmp_path):
+    model, meta = _fresh()
+    with pytest.raises(NapariUnetError, match="no checkpoint"):
+        run(model, meta, small_cases, Settings(steps=2, **QUICK), out=tmp_path / "m.safetensors", resume=True)
+
+
+def test_loss_ignores_untrusted_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    target = torch.randint(0, 4, (2, 8, 8))
+    weight = torch.ones(2, 8, 8)
+    weight[1] = 0  # the second slice was not reviewed
+    changed = logits.clone()
+    changed[1] = torch.randn(4, 8, 8) * 10
+    assert torch.allclose(region_dice_ce(logits, target, weight), region_dice_ce(changed, target, weight))
+    assert not torch.allclose(region_dice_ce(logits, target), region_dice_ce(changed, target))
+
+
+def test_two_process_ddp_on_the_cpu(dataset_factory, tmp_path):
+    data = dataset_factory("brats2021", cases=3, seed=21, shape=(48, 48, 32))[0].parent
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "napari_unet", "train", str(data), "--out", str(out), "--steps", "3", "--batch-size", "2",
+           "--patch", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu", "--val-fraction", "0.34"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = load_model(out).metadata["training"]
+    assert meta["processes"] == 2 and meta["batch_size"] == 4 and meta["steps"] == 3
+    assert proc.stdout.count("wrote ") == 1  # only rank 0 reports and saves
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+def _make_store(dataset_factory, root: Path, per_case: int = 5) -> Path:
+    """Two cases of the shifted scanner, with `per_case` reviewed tumour slices each."""
+    store = root / "store"
+    for src in dataset_factory("brats2021", cases=2, seed=12, shape=TRAIN_SHAPE, shift=1.0):
+        dst = store / src.name
+        shutil.copytree(src, dst)
+        case = read_case(dst)
+        tumour = np.flatnonzero(case.labels.any(axis=(1, 2)))
+        picked = tumour[:: max(1, len(tumour) // per_case)][:per_case]
+        slices = [int(case.source.axial_to_file_index(z)) for z in picked]
+        (dst / "corrections.json").write_text(json.dumps({"reviewed_slices": slices}))
+    return store
+
+
+def _wt_dice(model_path, cases) -> float:
+    predictor = Predictor(load_model(model_path), "cpu")
+    scores = []
+    for path in cases:
+        case = read_case(path)
+        scores.append(region_scores(predictor.predict_case(case).labels, case.labels)["WT"]["dice"])
+    return float(np.mean(scores))
+
+
+def test_finetune_on_reviewed_slices_helps_on_the_new_scanner(tiny_model, dataset_factory, tmp_path):
+    base = tmp_path / "base.safetensors"
+    shutil.copy(tiny_model[0], base)
+    before_hash = file_sha256(base)
+    store = _make_store(dataset_factory, tmp_path)
+    held_out = dataset_factory("brats2021", cases=3, seed=14, shape=TRAIN_SHAPE, shift=1.0)
+    out = tmp_path / "new.safetensors"
+    assert main(["finetune", str(store), "--model", str(base), "--out", str(out), "--device", "cpu"]) == 0
+    assert file_sha256(base) == before_hash  # BASE untouched
+    assert _wt_dice(out, held_out) > _wt_dice(base, held_out) + 0.01
+    meta = load_model(out).metadata["training"]
+    assert meta["kind"] == "fine-tuned" and meta["base_model"]["sha256"] == before_hash
+    taught = {c["case"]: c for c in meta["corrections"]}
+    assert set(taught) == {p.name for p in store.iterdir()}
+    for case_dir in store.iterdir():
+        reviewed = json.loads((case_dir / "corrections.json").read_text())["reviewed_slices"]
+        assert sorted(taught[case_dir.name]["slices"]) == sorted(reviewed)
+        assert len(taught[case_dir.name]["sha256"]) == len(reviewed)
+
+
+def test_finetune_refuses_to_overwrite_its_base(tiny_model, dataset_factory, tmp_path):
+    store = _make_store(dataset_factory, tmp_path)
+    with pytest.raises(NapariUnetError, match="must not overwrite"):
+        finetune(store, tiny_model[0], tiny_model[0])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "empty"),
+        ("{not json", "not valid JSON"),
+        ('{"reviewed": [1, 2]}', "reviewed_slices"),
+        ('{"reviewed_slices": [1, "two"]}', "integers"),
+        ('{"reviewed_slices": [5000]}', "outside the volume"),
+        ('{"reviewed_slices": []}', "no reviewed slices"),
+    ],
+)
+def test_bad_stores_are_refused_with_a_clear_message(dataset_factory, tmp_path, content, message):
+    store = tmp_path / "store"
+    store.mkdir()
+    if content is not None:
+        src = dataset_factory("brats2021", cases=1, seed=12, shape=TRAIN_SHAPE, shift=1.0)[0]
+        shutil.copytree(src, store / src.name)
+        (store / src.name / "corrections.json").write_text(content)
+    with pytest.raises(NapariUnetError, match=message):
+        load_store(store, ("t1", "t1ce", "t2", "flair"), Normalisation())
+
+
+def test_cli_finetune_on_a_missing_store_exits_cleanly(tiny_model, tmp_path, capsys):
+    code = main(["finetune", str(tmp_path / "nowhere"), "--model", str(tiny_model[0]), "--out", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "nowhere" in capsys.readouterr().err
