@@ -114,10 +114,10 @@ def test_two_process_ddp_on_the_cpu(dataset_factory, tmp_path):
 
 # --------------------------------------------------------------------------- fine-tuning
 
-def _make_store(dataset_factory, root: Path, per_case: int = 5) -> Path:
+def _make_store(dataset_factory, root: Path, per_case: int = 5, shape=TRAIN_SHAPE) -> Path:
     """Two cases of the shifted scanner, with `per_case` reviewed tumour slices each."""
     store = root / "store"
-    for src in dataset_factory("brats2021", cases=2, seed=12, shape=TRAIN_SHAPE, shift=1.0):
+    for src in dataset_factory("brats2021", cases=2, seed=12, shape=shape, shift=1.0):
         dst = store / src.name
         shutil.copytree(src, dst)
         case = read_case(dst)
@@ -137,16 +137,21 @@ def _wt_dice(model_path, cases) -> float:
     return float(np.mean(scores))
 
 
-def test_finetune_on_reviewed_slices_helps_on_the_new_scanner(tiny_model, dataset_factory, tmp_path):
+def test_finetune_on_reviewed_slices_helps_on_the_new_scanner(dataset_factory, tmp_path):
+    """The shipped model on full-size cases of another scanner, 10 reviewed slices."""
+    from napari_unet.modelfile import default_model_path
+    from napari_unet.synth import BRATS_SHAPE
+
     base = tmp_path / "base.safetensors"
-    shutil.copy(tiny_model[0], base)
+    shutil.copy(default_model_path(), base)
     before_hash = file_sha256(base)
-    store = _make_store(dataset_factory, tmp_path)
-    held_out = dataset_factory("brats2021", cases=3, seed=14, shape=TRAIN_SHAPE, shift=1.0)
+    store = _make_store(dataset_factory, tmp_path, per_case=5, shape=BRATS_SHAPE)
+    held_out = dataset_factory("brats2021", cases=2, seed=14, shape=BRATS_SHAPE, shift=1.0)
     out = tmp_path / "new.safetensors"
     assert main(["finetune", str(store), "--model", str(base), "--out", str(out), "--device", "cpu"]) == 0
     assert file_sha256(base) == before_hash  # BASE untouched
-    assert _wt_dice(out, held_out) > _wt_dice(base, held_out) + 0.01
+    before, after = _wt_dice(base, held_out), _wt_dice(out, held_out)
+    assert after > before + 0.05, (before, after)
     meta = load_model(out).metadata["training"]
     assert meta["kind"] == "fine-tuned" and meta["base_model"]["sha256"] == before_hash
     taught = {c["case"]: c for c in meta["corrections"]}

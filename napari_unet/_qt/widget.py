@@ -445,11 +445,31 @@ class AnnotationWidget(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress as napari_progress
 
+        from napari_unet.predict import Cancelled
+
+        def guarded():
+            # Expected outcomes come back as values; only real bugs travel as exceptions.
+            try:
+                return "done", func()
+            except Cancelled:
+                return "cancelled", None
+            except NapariUnetError as err:
+                return "error", err
+
+        def returned(outcome):
+            kind, value = outcome
+            if kind == "done":
+                on_done(value)
+            elif kind == "cancelled":
+                self._message(f"{what} cancelled; nothing was changed")
+            else:
+                self._error(str(value))
+
         self._cancel.clear()
         self._what = what
         self._napari_bar = napari_progress(total=0, desc=what)
-        worker = create_worker(func)
-        worker.returned.connect(on_done)
+        worker = create_worker(guarded)
+        worker.returned.connect(returned)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -472,14 +492,7 @@ class AnnotationWidget(QWidget):
             self.loss_plot.add(info["loss"])
 
     def _on_error(self, err) -> None:
-        from napari_unet.predict import Cancelled
-
-        if isinstance(err, Cancelled):
-            self._message(f"{self._what} cancelled; nothing was changed")
-        elif isinstance(err, NapariUnetError):
-            self._error(str(err))
-        else:
-            self._error(f"{self._what} failed: {type(err).__name__}: {err}")
+        self._error(f"{self._what} failed: {type(err).__name__}: {err}")
 
     def _on_finished(self) -> None:
         self._worker = None
