@@ -103,12 +103,15 @@ class AnnotationSession:
             self.edited.add(int(z))
             self.reviewed.add(int(z))  # an edited slice has been looked at
 
+    def unprotected(self, slices) -> np.ndarray:
+        """The slices among `slices` that a new proposal may overwrite."""
+        slices = np.asarray(slices, int)
+        return slices[~np.isin(slices, sorted(self.protected()))]
+
     def merge_proposal(self, current: np.ndarray, proposal: np.ndarray, computed=None) -> np.ndarray:
         """The current labels with the proposal on every unprotected (computed) slice."""
         out = current.copy()
-        slices = np.arange(current.shape[0]) if computed is None else np.asarray(computed, int)
-        keep = np.isin(slices, sorted(self.protected()))
-        take = slices[~keep]
+        take = self.unprotected(np.arange(current.shape[0]) if computed is None else computed)
         out[take] = proposal[take]
         return out
 
@@ -121,16 +124,22 @@ class AnnotationSession:
         return int(np.nanargmax(scores))
 
     # ------------------------------------------------------------------ the store
-    def save(self, labels: np.ndarray, case: Case | None = None, *, model: str | None = None) -> Path:
-        """Write the labels and corrections.json into the store (atomically, images once)."""
+    def save(self, labels: np.ndarray, case: Case | None = None, *, model: str | None = None,
+             reviewed: set[int] | None = None, edited: set[int] | None = None) -> Path:
+        """Write the labels and corrections.json into the store (atomically, images once).
+
+        `reviewed` and `edited` default to the session's own (pass copies from another thread).
+        """
+        reviewed = self.reviewed if reviewed is None else reviewed
+        edited = self.edited if edited is None else edited
         images, seg = self.paths()
         missing = [p for p in dict.fromkeys(images.values()) if not p.exists()]
         if missing:
             self._store_images(images, case)
         write_labels(labels, self.source, seg)
         record = {
-            "reviewed_slices": sorted(self.source.axial_to_file_index(z) for z in self.reviewed),
-            "edited_slices": sorted(self.source.axial_to_file_index(z) for z in self.edited),
+            "reviewed_slices": sorted(self.source.axial_to_file_index(z) for z in reviewed),
+            "edited_slices": sorted(self.source.axial_to_file_index(z) for z in edited),
             "axis": "third voxel axis of the NIfTI files",
             "label_convention": self.source.convention,
             "model": model,

@@ -152,11 +152,16 @@ def run(
     val_cases: list[TrainCase] = (),
     replay_cases: list[TrainCase] = (),
     resume: bool = False,
+    checkpoints: bool = True,
     progress: Callable | None = None,
     cancel: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Result:
-    """Train `model` in place for `s.steps` steps; rank 0 writes `out` (if given) at the end."""
+    """Train `model` in place for `s.steps` steps; rank 0 writes `out` (if given) at the end.
+
+    With `checkpoints`, a resumable checkpoint is kept beside `out` (fine-tuning, a matter of
+    seconds, keeps none).
+    """
     start_time = time.perf_counter()
     is_ddp, rank, world, device = _setup_ddp(s.device)
     master = rank == 0
@@ -178,7 +183,7 @@ def run(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     step, history = 0, []
-    ckpt = _checkpoint_path(out) if out is not None else None
+    ckpt = _checkpoint_path(out) if (out is not None and (checkpoints or resume)) else None
     if resume:
         if ckpt is None or not ckpt.exists():
             raise NapariUnetError(f"{ckpt}: no checkpoint to resume from")
@@ -267,6 +272,17 @@ def run(
 
         dist.barrier()
     return Result(model, metadata, step, history, stopped_early, time.perf_counter() - start_time, written)
+
+
+def warm_up() -> None:
+    """One tiny training step: torch registers operators lazily, holding the GIL as it does;
+    a GUI calls this in the background so that its first fine-tune does not stutter."""
+    model = UNet(UNetConfig(base_channels=2, depth=2, padding="same", norm="batch"))
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    x, y = augment(x, torch.zeros(2, 16, 16, dtype=torch.long), torch.Generator().manual_seed(0))
+    region_dice_ce(model(x), y).backward()
+    opt.step()
 
 
 # --------------------------------------------------------------------------- entry points
@@ -370,5 +386,5 @@ def finetune(
         "corrections": [c.provenance for c in cases],
         "replay": str(replay) if replay else "self (the base model's labels on unreviewed slices)",
     }
-    return run(loaded.model, metadata, cases, settings, out=out, replay_cases=replay_cases,
+    return run(loaded.model, metadata, cases, settings, out=out, replay_cases=replay_cases, checkpoints=False,
                progress=progress, cancel=cancel, log=log)

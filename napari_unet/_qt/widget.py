@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,16 @@ class _Bridge(QObject):
     """Carries progress from worker threads to the GUI thread (queued signal)."""
 
     progress = Signal(int, int, object)
+    message = Signal(str, bool)  # text, is_error
+
+
+def _display_ready(prediction):
+    """Uncertainty as 8 bits for display, converted in the worker: a quarter of the bytes to copy
+    on the GUI thread (the ranking of slices uses the float values, taken before)."""
+    prediction.slice_scores = prediction.slice_uncertainty()
+    if prediction.uncertainty is not None:
+        prediction.uncertainty = np.round(prediction.uncertainty * 255).astype(np.uint8)
+    return prediction
 
 
 class AnnotationWidget(QWidget):
@@ -60,6 +71,9 @@ class AnnotationWidget(QWidget):
         self._cancel = threading.Event()
         self._bridge = _Bridge()
         self._bridge.progress.connect(self._on_progress)
+        self._bridge.message.connect(lambda text, is_error: (self._error if is_error else self._message)(text))
+        # Saving runs on its own thread: painting never waits for a NIfTI file to be written.
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-save")
         self._save_timer = QTimer(self, singleShot=True, interval=300)
         self._save_timer.timeout.connect(self.save)
         self._edit_timer = QTimer(self, singleShot=True, interval=50)
@@ -195,10 +209,32 @@ class AnnotationWidget(QWidget):
             return
         self._prepared = self._prepared_key = self._slice_scores = None
         restored = self.session.restore()
+        # The (empty) annotation layer is made now, while the case opens, not in the middle of
+        # a proposal: creating a 240x240x155 Labels layer takes the GUI thread a few 100 ms.
+        self._ensure_annotation_layer(restored)
+        self._ensure_uncertainty_layer()
         if restored is not None:
-            self._ensure_annotation_layer(restored)
             self._message(f"restored {len(self.session.reviewed)} reviewed slice(s) from {self.session.case_path}")
         self._refresh_review_list()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Load torch and the model in the background while the user looks at the case."""
+        device = self.device_combo.currentText()
+
+        def load():
+            try:
+                # Imports hold the GIL for long stretches: do them now, not in the middle of a task.
+                import torch.distributed  # noqa: F401
+
+                from training.loop import warm_up
+
+                self._get_predictor(device)
+                warm_up()
+            except Exception:  # noqa: BLE001  (a bad model is reported when the user proposes)
+                pass
+
+        self._warming = self._saver.submit(load)
 
     def _ensure_annotation_layer(self, data: np.ndarray | None = None):
         layer = self.annotation_layer
@@ -265,6 +301,8 @@ class AnnotationWidget(QWidget):
             from napari_unet.modelfile import check_modalities
             from napari_unet.predict import resolve_device
 
+            if getattr(self, "_warming", None) is not None:
+                self._warming.result()
             predictor = self._get_predictor(device)
             check_modalities(predictor.metadata, list(images), self.session.source.path or self.session.case_id)
             if self._prepared_key != (stack_key, predictor.modalities):
@@ -275,22 +313,26 @@ class AnnotationWidget(QWidget):
                           progress=lambda d, t: self._bridge.progress.emit(d, t, None),
                           cancel=self._cancel.is_set)
             try:
-                return predictor.predict(self._prepared, **kwargs), None
+                return _display_ready(predictor.predict(self._prepared, **kwargs)), None
             except RuntimeError as err:  # out of GPU memory: carry on on the CPU
                 if "out of memory" not in str(err).lower() or resolve_device(device).type == "cpu":
                     raise
                 self._predictor_key = None
-                return self._get_predictor("cpu").predict(self._prepared, **kwargs), "GPU out of memory: ran on the CPU"
+                prediction = self._get_predictor("cpu").predict(self._prepared, **kwargs)
+                return _display_ready(prediction), "GPU out of memory: ran on the CPU"
 
-        return self._start(work, self._proposal_done, "proposing")
+        # A single slice is done in a blink: napari's activity bar would cost more than the work.
+        return self._start(work, self._proposal_done, "proposing", napari_bar=not current_slice)
 
     def _proposal_done(self, result) -> None:
         prediction, warning = result
         layer = self._ensure_annotation_layer()
-        merged = self.session.merge_proposal(np.asarray(layer.data), prediction.labels, prediction.computed_slices)
-        layer.data = merged
-        self._shadow = merged.copy()
-        scores = prediction.slice_uncertainty()
+        # In place, slice by slice: no new 9M-voxel array for napari to take in on the GUI thread.
+        take = self.session.unprotected(prediction.computed_slices)
+        layer.data[take] = prediction.labels[take]
+        self._shadow[take] = prediction.labels[take]
+        layer.refresh()
+        scores = prediction.slice_scores
         if self._slice_scores is None or len(prediction.computed_slices) > 1:
             self._slice_scores = scores
         else:
@@ -305,20 +347,24 @@ class AnnotationWidget(QWidget):
     def _set_uncertainty(self, prediction) -> None:
         if prediction.uncertainty is None:
             return
+        layer = self._ensure_uncertainty_layer()
+        layer.data[prediction.computed_slices] = prediction.uncertainty[prediction.computed_slices]
+        layer.refresh()
+
+    def _ensure_uncertainty_layer(self):
+        """The per-voxel uncertainty as an image layer (made when the case opens, filled by proposals)."""
         name = "uncertainty"
-        if name in self.viewer.layers and self.viewer.layers[name].data.shape == prediction.uncertainty.shape:
-            layer = self.viewer.layers[name]
-            data = np.array(layer.data)
-            data[prediction.computed_slices] = prediction.uncertainty[prediction.computed_slices]
-            layer.data = data
-        else:
-            if name in self.viewer.layers:
-                self.viewer.layers.remove(name)
-            self.viewer.add_image(prediction.uncertainty, name=name, colormap="inferno", blending="additive",
-                                  contrast_limits=(0, 1), scale=self.session.source.spacing,
-                                  visible=self.show_uncertainty.isChecked())
-            if self.annotation_layer is not None:  # keep the labels on top
-                self.viewer.layers.move(self.viewer.layers.index(self.annotation_layer), len(self.viewer.layers))
+        shape = self.annotation_layer.data.shape
+        if name in self.viewer.layers and self.viewer.layers[name].data.shape == shape:
+            return self.viewer.layers[name]
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        layer = self.viewer.add_image(np.zeros(shape, np.uint8), name=name, colormap="inferno", blending="additive",
+                                      contrast_limits=(0, 255), scale=self.session.source.spacing,
+                                      visible=self.show_uncertainty.isChecked())
+        # keep the labels on top
+        self.viewer.layers.move(self.viewer.layers.index(self.annotation_layer), len(self.viewer.layers))
+        return layer
 
     def _toggle_uncertainty(self, on: bool) -> None:
         if "uncertainty" in self.viewer.layers:
@@ -386,20 +432,31 @@ class AnnotationWidget(QWidget):
         self.reviewed_btn.setText("Unmark reviewed (Shift-R)" if z in self.session.reviewed else "Mark reviewed (Shift-R)")
 
     # ------------------------------------------------------------------ save
-    def save(self) -> Path | None:
-        """Write the annotation and corrections.json to the store (atomic writes)."""
+    def save(self) -> Future | None:
+        """Write the annotation and corrections.json to the store, on the saving thread.
+
+        The labels and the review state are copied here, on the GUI thread; the files are
+        written (atomically) in the background. Returns the Future of the write.
+        """
         self._save_timer.stop()
         layer = self.annotation_layer
         if self.session is None or layer is None:
             return None
         self.session.store = Path(self.store_edit.text())
-        try:
-            path = self.session.save(np.asarray(layer.data), self.case, model=self._model_name())
-        except (NapariUnetError, OSError) as err:
-            self._error(f"could not save the corrections: {err}")
-            return None
-        self._message(f"saved to {path}")
-        return path
+        labels = np.array(layer.data, copy=True)
+        reviewed, edited = set(self.session.reviewed), set(self.session.edited)
+        session, case, model = self.session, self.case, self._model_name()
+
+        def write():
+            try:
+                path = session.save(labels, case, model=model, reviewed=reviewed, edited=edited)
+            except (NapariUnetError, OSError) as err:
+                self._bridge.message.emit(f"could not save the corrections: {err}", True)
+                raise
+            self._bridge.message.emit(f"saved to {path}", False)
+            return path
+
+        return self._saver.submit(write)
 
     def _model_name(self) -> str:
         return self.model_path.name if self.model_path else "default"
@@ -412,7 +469,7 @@ class AnnotationWidget(QWidget):
         if self.session is None or not self.session.reviewed:
             self._error("review or correct some slices first: only reviewed slices teach the model")
             return None
-        self.save()
+        pending = self.save()
         store = Path(self.store_edit.text())
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = store.parent / f"{store.name}-models" / f"finetuned-{stamp}.safetensors"
@@ -423,6 +480,8 @@ class AnnotationWidget(QWidget):
         def work():
             from training.loop import FINETUNE_DEFAULTS, Settings, finetune
 
+            if pending is not None:
+                pending.result()  # the store holds the latest corrections before training reads it
             settings = Settings(**{**FINETUNE_DEFAULTS, "device": device, **({"steps": steps} if steps else {})})
             return finetune(store, base, out, settings=settings, cancel=self._cancel.is_set,
                             progress=lambda d, t, **info: self._bridge.progress.emit(d, t, info))
@@ -441,7 +500,7 @@ class AnnotationWidget(QWidget):
             return True
         return False
 
-    def _start(self, func, on_done, what: str):
+    def _start(self, func, on_done, what: str, napari_bar: bool = True):
         from napari.qt.threading import create_worker
         from napari.utils import progress as napari_progress
 
@@ -467,7 +526,7 @@ class AnnotationWidget(QWidget):
 
         self._cancel.clear()
         self._what = what
-        self._napari_bar = napari_progress(total=0, desc=what)
+        self._napari_bar = napari_progress(total=0, desc=what) if napari_bar else None
         worker = create_worker(guarded)
         worker.returned.connect(returned)
         worker.errored.connect(self._on_error)

@@ -107,7 +107,7 @@ def test_reopening_the_case_restores_corrections_and_review(annotator, make_napa
     _wait_idle(qtbot, widget)
     z = widget.current_slice()
     widget.toggle_reviewed()
-    widget.save()
+    widget.save().result()
     saved = np.array(widget.annotation_layer.data)
 
     viewer2 = make_napari_viewer()
@@ -133,7 +133,7 @@ def test_cancel_leaves_the_labels_as_they_were(annotator, qtbot):
     widget.propose()
     widget.cancel()
     _wait_idle(qtbot, widget)
-    assert widget.annotation_layer is None or not np.asarray(widget.annotation_layer.data).any()
+    assert not np.asarray(widget.annotation_layer.data).any()
     assert "cancelled" in widget.status.text()
 
 

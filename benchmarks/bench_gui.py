@@ -1,0 +1,107 @@
+"""Is napari responsive while the widget proposes and fine-tunes? (run under a display or xvfb-run)
+
+A 10 ms timer on the GUI thread records how late each tick fires while the dock widget
+proposes a whole 240x240x155 case and fine-tunes on 10 reviewed slices. The target: no tick
+later than 100 ms. Also: the proposal's time in the worker thread against the same call
+on the main thread (threads in the worker must run as fast).
+
+    xvfb-run -a python benchmarks/bench_gui.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    import napari
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_unet._qt.widget import AnnotationWidget
+    from napari_unet.synth import write_dataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gui_"))
+    case_path = write_dataset(tmp / "data", 1, seed=41, shift=1.0)[0]
+    viewer = napari.Viewer(show=True)
+    widget = AnnotationWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.store_edit.setText(str(tmp / "store"))
+    viewer.open(case_path, plugin="napari-unet")
+    app = QApplication.instance()
+
+    lateness: list[float] = []
+    last = [time.perf_counter()]
+    interval = 0.010
+
+    def tick():
+        now = time.perf_counter()
+        lateness.append(max(0.0, now - last[0] - interval))
+        last[0] = now
+
+    timer = QTimer()
+    timer.setInterval(int(interval * 1000))
+    timer.timeout.connect(tick)
+
+    def measure(start_work, label, busy=lambda: widget._worker is not None):
+        lateness.clear()
+        last[0] = time.perf_counter()
+        timer.start()
+        t0 = time.perf_counter()
+        start_work()
+        while busy():
+            app.processEvents()
+            time.sleep(0.001)
+        elapsed = time.perf_counter() - t0
+        timer.stop()
+        late = np.array(lateness) * 1000
+        print(f"{label:<34}{elapsed:>8.2f} s   ticks {len(late):>5}   median late {statistics.median(late):>5.1f} ms"
+              f"   99th {np.percentile(late, 99):>6.1f} ms   worst {late.max():>6.1f} ms")
+        return late.max()
+
+    print(f"{'work':<34}{'time':>10}")
+    # Opening a case starts loading torch and the model in the background (once per session).
+    opening = measure(lambda: None, "after opening: background load", busy=lambda: not widget._warming.done())
+    worst = [measure(lambda: widget.propose(), "propose whole volume (first)")]
+    worst.append(measure(lambda: widget.propose(), "propose whole volume (again)"))
+    worst.append(measure(lambda: widget.propose(current_slice=True), "propose this slice"))
+    truth = np.asarray(viewer.layers[f"{widget.session.case_id} tumour"].data)
+    tumour = np.flatnonzero((truth > 0).any(axis=(1, 2)))
+    for z in tumour[:: max(1, len(tumour) // 10)][:10]:  # the annotator corrects 10 slices
+        plane = np.unravel_index(np.arange(truth[z].size), truth[z].shape)
+        widget.annotation_layer.data_setitem((np.full(truth[z].size, z),) + plane, truth[z].ravel())
+    app.processEvents()
+    time.sleep(0.2)
+    app.processEvents()
+    worst.append(measure(lambda: widget.finetune(), "fine-tune on 10 slices + re-propose"))
+
+    # Worker thread against main thread, same call.
+    predictor = widget._predictor
+    volume = widget._prepared
+    main_s = statistics.median([_timed(lambda: predictor.predict(volume)) for _ in range(3)])
+    import threading
+
+    times = []
+    for _ in range(3):
+        th = threading.Thread(target=lambda: times.append(_timed(lambda: predictor.predict(volume))))
+        th.start()
+        th.join()
+    print(f"\nproposal on the main thread {main_s:.2f} s, in a worker thread {statistics.median(times):.2f} s")
+    print(f"worst GUI-thread delay during proposals and fine-tuning: {max(worst):.0f} ms (target: at most 100 ms);"
+          f" once, while torch loads after the first case opens: {opening:.0f} ms")
+    viewer.close()
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()
