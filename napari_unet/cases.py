@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from nibabel import orientations as ornt_mod
 
 from napari_unet import NapariUnetError
+from napari_unet.atomic import atomic_path
 from napari_unet.labels import LAYOUT_CONVENTION, from_canonical, to_canonical
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
@@ -379,25 +379,14 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
 # --------------------------------------------------------------------------- writing
 
 
-def atomic_path(final: Path) -> Path:
-    """A hidden temporary name beside `final` with the same NIfTI extension."""
-    ext = ".nii.gz" if final.name.lower().endswith(".gz") else ".nii"
-    return final.with_name(f".{_stem(final)}.partial-{uuid.uuid4().hex[:8]}{ext}")
-
-
 def save_nifti(img: nib.Nifti1Image, out: str | os.PathLike) -> Path:
     """Write `img` to `out` atomically: a crash leaves the previous file intact."""
     out = Path(out)
     if not is_nifti(out):
         raise NapariUnetError(f"{out}: the output must end in .nii or .nii.gz")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(out)
-    try:
+    # The temporary name keeps the extension: nibabel picks compression by it.
+    with atomic_path(out, ".nii.gz" if out.name.lower().endswith(".gz") else ".nii") as tmp:
         img.to_filename(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

@@ -81,19 +81,15 @@ def _cmd_predict(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     import json
-    import os
-    from pathlib import Path
 
+    from napari_unet.atomic import write_text
     from napari_unet.evaluation import evaluate, format_table
 
     with progress_bar("evaluating", "case") as update:
         result = evaluate(args.pred, args.truth, progress=update)
     print(format_table(result))
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, path)
+        write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -155,17 +154,13 @@ def save_model(model, metadata: dict, path: str | os.PathLike) -> Path:
     """Write weights + metadata atomically (a temporary file, then rename)."""
     from safetensors.torch import save_file
 
+    from napari_unet.atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={META_KEY: json.dumps(metadata)})
         os.chmod(tmp, 0o644)  # a model file is for sharing, not a secret
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -17,13 +17,13 @@ import datetime as _dt
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.cases import Case, CaseSource, find_case, layout_paths, read_labels, write_case_files, write_labels
+from napari_unet.atomic import atomic_path, write_text
+from napari_unet.cases import Case, CaseSource, layout_paths, read_labels, write_case_files, write_labels
 
 CORRECTIONS_FILE = "corrections.json"
 
@@ -37,26 +37,9 @@ def corrections_path(case_dir_or_file: Path) -> Path:
     return p.with_name(f"{stem}.{CORRECTIONS_FILE}")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class AnnotationSession:
@@ -145,7 +128,7 @@ class AnnotationSession:
             "model": model,
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        write_json_atomic(self.corrections_file, record)
+        write_text(self.corrections_file, json.dumps(record, indent=1))
         return self.case_path
 
     def _store_images(self, images: dict[str, Path], case: Case | None) -> None:
@@ -176,9 +159,3 @@ class AnnotationSession:
             self.edited = {self.source.file_to_axial_index(z) for z in data.get("edited_slices", [])}
         return labels
 
-
-def store_has_case(store: Path, case_id: str) -> bool:
-    try:
-        return any(find_case(p).case_id == case_id for p in [store / case_id] if p.exists())
-    except NapariUnetError:
-        return False

@@ -27,7 +27,61 @@ def open_case_screenshot(out: Path) -> None:
     viewer.close()
 
 
+def _wait(widget, app) -> None:
+    import time
+
+    while widget._worker is not None:
+        app.processEvents()
+        time.sleep(0.01)
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def widget_screenshots(docs: Path) -> None:
+    """The widget in use: a proposal with review-next and uncertainty, then a fine-tune."""
+    import tempfile
+
+    import napari
+
+    from napari_unet.app import open_viewer
+    from napari_unet.synth import write_dataset
+
+    tmp = Path(tempfile.mkdtemp())
+    case_path = write_dataset(tmp / "data", 1, seed=52, shift=1.0)[0]
+    viewer, widget = open_viewer(case_path)
+    widget.store_edit.setText(str(tmp / "store"))
+    viewer.window._qt_window.resize(1500, 950)
+    app = napari.qt.get_qapp()
+    widget._warming.result()
+    widget.propose()
+    _wait(widget, app)
+    widget.show_uncertainty.setChecked(True)
+    widget.review_next()
+    _wait(widget, app)
+    viewer.reset_view()
+    viewer.screenshot(str(docs / "widget_proposal.png"), canvas_only=False)
+
+    truth = np.asarray(viewer.layers[f"{widget.session.case_id} tumour"].data)
+    tumour = np.flatnonzero((truth > 0).any(axis=(1, 2)))
+    layer = widget.annotation_layer
+    for z in tumour[:: max(1, len(tumour) // 10)][:10]:  # the annotator fixes 10 slices
+        plane = np.unravel_index(np.arange(truth[z].size), truth[z].shape)
+        layer.data_setitem((np.full(truth[z].size, z),) + plane, truth[z].ravel())
+    app.processEvents()
+    widget._collect_edits()
+    widget.show_uncertainty.setChecked(False)
+    widget.finetune()
+    _wait(widget, app)
+    _wait(widget, app)  # the re-proposal
+    widget.go_to_slice(int(tumour[len(tumour) // 2]))
+    app.processEvents()
+    viewer.screenshot(str(docs / "widget_finetune.png"), canvas_only=False)
+    viewer.close()
+
+
 if __name__ == "__main__":
     docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
     docs.mkdir(exist_ok=True)
     open_case_screenshot(docs / "viewer_case.png")
+    widget_screenshots(docs)

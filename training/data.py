@@ -26,8 +26,6 @@ from napari_unet.cases import Case, find_cases, read_case
 from napari_unet.modelfile import check_modalities
 from napari_unet.preprocess import Normalisation, prepare
 
-CORRECTIONS_FILE = "corrections.json"
-
 
 @dataclass
 class TrainCase:

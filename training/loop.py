@@ -11,7 +11,6 @@ import hashlib
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from napari_unet import NapariUnetError
+from napari_unet.atomic import atomic_path
 from napari_unet.metrics import dice
 from napari_unet.modelfile import LoadedModel, load_model, make_metadata, save_model
 from napari_unet.predict import Cancelled, Predictor, PreparedVolume, resolve_device
@@ -121,13 +121,8 @@ def _checkpoint_path(out: Path) -> Path:
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _plain(obj):

@@ -1,0 +1,32 @@
+"""Atomic file writes: write beside the target under a hidden temporary name, then rename.
+
+A crash, a kill or a cancel in the middle leaves the previous file intact and no partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `final` (ending in `suffix`); rename it to `final` on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stem = final.name[: -len(suffix)] if suffix and final.name.endswith(suffix) else final.name
+    tmp = final.with_name(f".{stem}.partial-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
