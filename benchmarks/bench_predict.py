@@ -155,7 +155,7 @@ def main() -> None:
     print("-" * len(header))
     for r in rows:
         print(f"{r['model']:<20}{r['slices']:>7}{r['from_volume_s']:>10.2f}{r['end_to_end_s']:>8.2f}"
-              f"{r['one_slice_ms']:>10.0f}{r['gflops']:>9.0f}{r['pct_matmul']:>9.0f}%{r['peer_s']:>9.2f}"
+              f"{r['one_slice_ms']:>10.0f}{r['gflops']:>9.0f}{r['pct_matmul']:>9.0f}%{r['pct_conv']:>7.0f}%{r['peer_s']:>9.2f}"
               f"{r['ratio']:>7.2f}{r['rss_gb']:>9.2f}")
     print("\nvolume s: loaded volume -> mask; e2e s: four files on disk -> written mask; ratio: ours / MONAI")
 

@@ -23,8 +23,6 @@ def open_viewer(case=None, *, model=None, device: str = "auto", show: bool = Tru
     if model:
         widget.set_model(model)
     widget.device_combo.setCurrentText(device)
-    if loaded.labels is not None:  # a reference segmentation stays, hidden, under the annotation
-        viewer.layers[-1].visible = False
     widget._attach()
     return viewer, widget
 

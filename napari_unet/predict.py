@@ -72,11 +72,13 @@ class Prediction:
     seconds: float
 
     def slice_uncertainty(self) -> np.ndarray:
-        """Mean uncertainty per axial slice (NaN where nothing was computed)."""
+        """Uncertainty per axial slice: the sum of its voxels' (in [0, 1] each), a soft count
+        of the voxels likely to be wrong, so that a slice with a large doubtful region ranks
+        above one with a few doubtful edge voxels. NaN where nothing was computed."""
         scores = np.full(self.labels.shape[0], np.nan, np.float32)
         if self.uncertainty is not None and self.computed_slices.size:
             u = self.uncertainty[self.computed_slices]
-            scores[self.computed_slices] = u.reshape(len(u), -1).mean(axis=1)
+            scores[self.computed_slices] = u.reshape(len(u), -1).sum(axis=1)
         return scores
 
 

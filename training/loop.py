@@ -230,7 +230,7 @@ def run(
         value = float(loss.detach())
         ema = value if ema is None else 0.9 * ema + 0.1 * value
         record = {"step": step, "loss": round(value, 5)}
-        if s.early_stop_patience:
+        if s.early_stop_patience and step > s.warmup + 10:  # the first losses say little
             if ema < best * 0.99:
                 best, since_best = ema, 0
             else:

@@ -68,6 +68,7 @@ class AnnotationWidget(QWidget):
         self._slice_scores = None
         self._shadow = None
         self._worker = None
+        self._napari_bar = None
         self._cancel = threading.Event()
         self._bridge = _Bridge()
         self._bridge.progress.connect(self._on_progress)
@@ -79,7 +80,8 @@ class AnnotationWidget(QWidget):
         self._edit_timer = QTimer(self, singleShot=True, interval=50)
         self._edit_timer.timeout.connect(self._collect_edits)
         self._build()
-        self.viewer.layers.events.inserted.connect(lambda e: self._attach())
+        # Deferred: a reader adds several layers in a row; attach once they are all in.
+        self.viewer.layers.events.inserted.connect(lambda e: QTimer.singleShot(0, self._attach))
         self.viewer.dims.events.current_step.connect(lambda e: self._update_slice_label())
         self.viewer.bind_key("Shift-R", lambda v: self.toggle_reviewed(), overwrite=True)
         self.viewer.bind_key("Shift-N", lambda v: self.review_next(), overwrite=True)
@@ -246,6 +248,10 @@ class AnnotationWidget(QWidget):
                 initial, **labels_layer_kwargs(source.case_id, source, name=f"{source.case_id} annotation")
             )
             layer.opacity = 0.6
+            for other in self.viewer.layers:  # a reference segmentation would hide what is edited
+                if other is not layer and other.metadata.get(META_KEY, {}).get("role") == "labels":
+                    other.visible = False
+            self.viewer.layers.selection.active = layer
             layer.events.paint.connect(lambda e: self._edit_timer.start())
             if hasattr(layer.events, "labels_update"):
                 layer.events.labels_update.connect(lambda e: self._edit_timer.start())
@@ -362,8 +368,9 @@ class AnnotationWidget(QWidget):
         layer = self.viewer.add_image(np.zeros(shape, np.uint8), name=name, colormap="inferno", blending="additive",
                                       contrast_limits=(0, 255), scale=self.session.source.spacing,
                                       visible=self.show_uncertainty.isChecked())
-        # keep the labels on top
+        # keep the labels on top, and the one to paint on selected
         self.viewer.layers.move(self.viewer.layers.index(self.annotation_layer), len(self.viewer.layers))
+        self.viewer.layers.selection.active = self.annotation_layer
         return layer
 
     def _toggle_uncertainty(self, on: bool) -> None:
@@ -429,7 +436,7 @@ class AnnotationWidget(QWidget):
         z = self.current_slice()
         state = "reviewed" if z in self.session.reviewed else "not reviewed"
         self.slice_label.setText(f"slice {z}: {state} · {len(self.session.reviewed)} reviewed")
-        self.reviewed_btn.setText("Unmark reviewed (Shift-R)" if z in self.session.reviewed else "Mark reviewed (Shift-R)")
+        self.reviewed_btn.setText("Unmark (Shift-R)" if z in self.session.reviewed else "Mark reviewed (Shift-R)")
 
     # ------------------------------------------------------------------ save
     def save(self) -> Future | None:
@@ -516,6 +523,7 @@ class AnnotationWidget(QWidget):
                 return "error", err
 
         def returned(outcome):
+            self._finish(worker)  # before on_done, which may start the next task
             kind, value = outcome
             if kind == "done":
                 on_done(value)
@@ -530,7 +538,7 @@ class AnnotationWidget(QWidget):
         worker = create_worker(guarded)
         worker.returned.connect(returned)
         worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        worker.finished.connect(lambda: self._finish(worker))
         self._worker = worker
         self.cancel_btn.setEnabled(True)
         self.progress_bar.setFormat(f"{what} %p%")
@@ -553,12 +561,14 @@ class AnnotationWidget(QWidget):
     def _on_error(self, err) -> None:
         self._error(f"{self._what} failed: {type(err).__name__}: {err}")
 
-    def _on_finished(self) -> None:
+    def _finish(self, worker) -> None:
+        """Forget a finished task (once; a later task may already have started)."""
+        if self._worker is not worker:
+            return
         self._worker = None
         self.cancel_btn.setEnabled(False)
-        bar = getattr(self, "_napari_bar", None)
-        if bar is not None:
-            bar.close()
+        if self._napari_bar is not None:
+            self._napari_bar.close()
             self._napari_bar = None
 
     def cancel(self) -> None:

@@ -22,13 +22,19 @@ def shifted_case(dataset_factory):
 
 
 @pytest.fixture
-def annotator(make_napari_viewer, shifted_case, tmp_path):
+def annotator(make_napari_viewer, shifted_case, tmp_path, qtbot):
     viewer = make_napari_viewer()
     widget = AnnotationWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.store_edit.setText(str(tmp_path / "store"))
     viewer.open(shifted_case, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
     return viewer, widget
+
+
+def _truth(viewer) -> np.ndarray:
+    """The segmentation that came with the case (hidden under the annotation)."""
+    return np.array(viewer.layers["BraTS2021_00001 tumour"].data)
 
 
 def _wait_idle(qtbot, widget):
@@ -42,8 +48,10 @@ def _unreviewed_wt_dice(labels, truth, reviewed) -> float:
 
 def test_propose_correct_review_save_finetune_repropose(annotator, qtbot, tmp_path):
     viewer, widget = annotator
-    truth = np.array(viewer.layers[-1].data)
-    assert widget.session is not None and widget.session.case_id == "BraTS2021_00001"
+    truth = _truth(viewer)
+    assert widget.session.case_id == "BraTS2021_00001"
+    assert viewer.layers[-1] is widget.annotation_layer  # what is edited is on top
+    assert not viewer.layers["BraTS2021_00001 tumour"].visible
 
     widget.propose()
     _wait_idle(qtbot, widget)
@@ -114,13 +122,14 @@ def test_reopening_the_case_restores_corrections_and_review(annotator, make_napa
     widget2 = AnnotationWidget(viewer2)
     widget2.store_edit.setText(str(tmp_path / "store"))
     viewer2.open(shifted_case, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget2.annotation_layer is not None, timeout=WAIT)
     assert widget2.session.reviewed == {z}
     np.testing.assert_array_equal(widget2.annotation_layer.data, saved)
 
 
 def test_current_slice_proposal_touches_only_that_slice(annotator, qtbot):
     viewer, widget = annotator
-    z = int(np.argmax((np.asarray(viewer.layers[-1].data) > 0).sum(axis=(1, 2))))
+    z = int(np.argmax((_truth(viewer) > 0).sum(axis=(1, 2))))
     widget.go_to_slice(z)
     widget.propose(current_slice=True)
     _wait_idle(qtbot, widget)
