@@ -308,6 +308,7 @@ def train(
     train_cases, val_cases = split_validation(cases, val_fraction, settings.seed)
     metadata["training"]["cases"] = len(train_cases)
     metadata["training"]["validation_cases"] = [c.case_id for c in val_cases]
+    torch.manual_seed(settings.seed)  # the initial weights too come from the seed
     model = UNet(config)
     return run(model, metadata, train_cases, settings, out=Path(out), val_cases=val_cases,
                resume=resume, progress=progress, cancel=cancel, log=log)
