@@ -133,7 +133,10 @@ def main() -> None:
     parser.add_argument("--skip-paper", action="store_true", help="only the default model")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    from napari_unet.predict import cpu_has_bf16
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"native bf16: {cpu_has_bf16()} (the engine's precision: {'bf16' if cpu_has_bf16() else 'fp32'})")
     peaks = {"matmul": matmul_gflops(args.repeat), "conv": conv_gflops(args.repeat)}
     print(f"this machine: fp32 matmul {peaks['matmul']:.0f} GFLOP/s, dense 3x3 conv (64 ch) {peaks['conv']:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,12 +55,13 @@ def _cmd_predict(args) -> int:
     from napari_unet.predict import Predictor
 
     loaded = load_model(args.model)
-    predictor = Predictor(loaded, args.device, tta=args.tta, batch_size=args.batch_size)
+    predictor = Predictor(loaded, args.device, tta=args.tta, batch_size=args.batch_size, precision=args.precision)
     binary = loaded.metadata["task"] == "binary"
     cases = [c for path in args.cases for c in find_cases(path)]
     out = Path(args.out)
     failures = []
-    print(f"{len(cases)} case(s), model {loaded.path.name}, device {predictor.device}", file=sys.stderr)
+    print(f"{len(cases)} case(s), model {loaded.path.name}, device {predictor.device}, {predictor.precision}",
+          file=sys.stderr)
     for path in cases:
         try:
             case = read_case(path, with_labels=False)
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower, a little better)")
     p.add_argument("--batch-size", type=int, help="slices per batch (default: from a memory budget)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.set_defaults(run=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice and HD95 for WT, TC and ET")

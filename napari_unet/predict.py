@@ -50,6 +50,29 @@ def resolve_device(name: str = "auto"):
         raise NapariUnetError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
 
 
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 arithmetic (AVX512-BF16 or AMX): there bf16 convolutions run 2-3x faster
+    than fp32; elsewhere they are emulated and 3-4x slower."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(name: str, device) -> str:
+    """'auto': fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    name = (name or "auto").lower()
+    if name not in ("auto", "fp32", "bf16", "fp16"):
+        raise NapariUnetError(f"unknown precision {name!r} (use auto, fp32, bf16 or fp16)")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
 @dataclass
 class PreparedVolume:
     """A case normalised and cropped once, reusable for many (e.g. per-slice) proposals."""
@@ -93,6 +116,7 @@ class Predictor:
         tta: bool = False,
         batch_size: int | None = None,
         memory_budget_mb: float | None = None,
+        precision: str = "auto",
     ):
         import torch
 
@@ -109,6 +133,7 @@ class Predictor:
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.base_channels = model.config.base_channels
         self.batch_size = batch_size
+        self.precision = resolve_precision(precision, self.device)
         if memory_budget_mb is None:
             memory_budget_mb = 256.0
             if self.device.type == "cuda":
@@ -168,9 +193,8 @@ class Predictor:
         out_labels = torch.zeros((total,) + volume.crop.shape[2:], dtype=torch.uint8, device=dev)
         out_unc = torch.zeros((total,) + volume.crop.shape[2:], dtype=torch.float32, device=dev) if with_uncertainty else None
         batch = self._batch_size(volume.crop.shape[2:])
-        autocast = (
-            torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-        )
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
         with torch.inference_mode(), autocast:
             for first in range(0, total, batch):
                 if cancel is not None and cancel():

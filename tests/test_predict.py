@@ -52,6 +52,15 @@ def test_single_slice_proposal_equals_the_full_volume_on_that_slice(predictor, d
     assert not one.labels[np.arange(len(full)) != z].any()
 
 
+def test_bf16_proposals_agree_with_fp32(tiny_model, dataset_factory):
+    case = read_case(dataset_factory("brats2021", cases=2, seed=13, shape=TRAIN_SHAPE)[0])
+    fp32 = Predictor(load_model(tiny_model[0]), "cpu", precision="fp32").predict_case(case).labels
+    bf16 = Predictor(load_model(tiny_model[0]), "cpu", precision="bf16").predict_case(case).labels
+    assert (fp32 != bf16).mean() < 1e-3
+    with pytest.raises(NapariUnetError, match="unknown precision"):
+        Predictor(load_model(tiny_model[0]), "cpu", precision="fp8")
+
+
 def test_flip_tta_is_close_to_the_plain_prediction(tiny_model, dataset_factory):
     case = read_case(dataset_factory("brats2021", cases=2, seed=13, shape=TRAIN_SHAPE)[0])
     tta = Predictor(load_model(tiny_model[0]), "cpu", tta=True).predict_case(case).labels
