@@ -45,6 +45,16 @@ class _Bridge(QObject):
     message = Signal(str, bool)  # text, is_error
 
 
+def _with_button(field: QWidget, text: str, slot) -> QHBoxLayout:
+    """A form row: a field that stretches and a small button beside it."""
+    button = QPushButton(text)
+    button.clicked.connect(slot)
+    row = QHBoxLayout()
+    row.addWidget(field, 1)
+    row.addWidget(button)
+    return row
+
+
 def _display_ready(prediction):
     """Uncertainty as 8 bits for display, converted in the worker: a quarter of the bytes to copy
     on the GUI thread (the ranking of slices uses the float values, taken before)."""
@@ -95,12 +105,7 @@ class AnnotationWidget(QWidget):
         form = QFormLayout(box)
         self.model_combo = QComboBox()
         self.model_combo.addItem(DEFAULT_MODEL)
-        browse = QPushButton("File…")
-        browse.clicked.connect(self._browse_model)
-        row = QHBoxLayout()
-        row.addWidget(self.model_combo, 1)
-        row.addWidget(browse)
-        form.addRow("model", row)
+        form.addRow("model", _with_button(self.model_combo, "File…", self._browse_model))
         self.model_combo.currentIndexChanged.connect(self._model_changed)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
@@ -148,12 +153,7 @@ class AnnotationWidget(QWidget):
         form = QFormLayout(box)
         self.store_edit = QLineEdit()
         self.store_edit.setPlaceholderText("folder for corrections")
-        store_browse = QPushButton("…")
-        store_browse.clicked.connect(self._browse_store)
-        row = QHBoxLayout()
-        row.addWidget(self.store_edit, 1)
-        row.addWidget(store_browse)
-        form.addRow("store", row)
+        form.addRow("store", _with_button(self.store_edit, "…", self._browse_store))
         self.finetune_btn = QPushButton("Fine-tune on corrections")
         self.finetune_btn.clicked.connect(self.finetune)
         form.addRow(self.finetune_btn)
@@ -227,7 +227,7 @@ class AnnotationWidget(QWidget):
         def load():
             try:
                 # Imports hold the GIL for long stretches: do them now, not in the middle of a task.
-                import torch.distributed  # noqa: F401
+                import torch.distributed  # noqa: F401  (warm the import)
 
                 from training.loop import warm_up
 
