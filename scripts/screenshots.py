@@ -47,10 +47,13 @@ def widget_screenshots(docs: Path) -> None:
     from napari_unet.app import open_viewer
     from napari_unet.synth import write_dataset
 
+    import os
+
     tmp = Path(tempfile.mkdtemp())
-    case_path = write_dataset(tmp / "data", 1, seed=52, shift=1.0)[0]
+    os.chdir(tmp)  # relative paths: the pictures show no machine's folders
+    case_path = write_dataset("data", 1, seed=52, shift=1.0)[0]
     viewer, widget = open_viewer(case_path)
-    widget.store_edit.setText(str(tmp / "store"))
+    widget.store_edit.setText("corrections")
     viewer.window._qt_window.resize(1500, 950)
     app = napari.qt.get_qapp()
     widget._warming.result()
@@ -81,7 +84,7 @@ def widget_screenshots(docs: Path) -> None:
 
 
 if __name__ == "__main__":
-    docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
+    docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs").resolve()
     docs.mkdir(exist_ok=True)
     open_case_screenshot(docs / "viewer_case.png")
     widget_screenshots(docs)
