@@ -5,23 +5,17 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 
 from napari_unet.modelfile import load_model
 from napari_unet.unet import fuse_batchnorm
+from timing import median_time
 
 
-def timed(fn, repeat=5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timed(fn) -> float:
+    return median_time(fn, 5, warmup=True)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ def main() -> None:
 
     from napari_unet._qt.widget import AnnotationWidget
     from napari_unet.synth import write_dataset
+    from timing import seconds
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_gui_"))
     case_path = write_dataset(tmp / "data", 1, seed=41, shift=1.0)[0]
@@ -83,24 +84,18 @@ def main() -> None:
     # Worker thread against main thread, same call.
     predictor = widget._predictor
     volume = widget._prepared
-    main_s = statistics.median([_timed(lambda: predictor.predict(volume)) for _ in range(3)])
+    main_s = statistics.median([seconds(lambda: predictor.predict(volume)) for _ in range(3)])
     import threading
 
     times = []
     for _ in range(3):
-        th = threading.Thread(target=lambda: times.append(_timed(lambda: predictor.predict(volume))))
+        th = threading.Thread(target=lambda: times.append(seconds(lambda: predictor.predict(volume))))
         th.start()
         th.join()
     print(f"\nproposal on the main thread {main_s:.2f} s, in a worker thread {statistics.median(times):.2f} s")
     print(f"worst GUI-thread delay during proposals and fine-tuning: {max(worst):.0f} ms (target: at most 100 ms);"
           f" once, while torch loads after the first case opens: {opening:.0f} ms")
     viewer.close()
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

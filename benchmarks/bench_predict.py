@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +30,7 @@ from napari_unet.modelfile import LoadedModel, default_model_path, load_model, m
 from napari_unet.predict import Predictor
 from napari_unet.synth import write_dataset
 from napari_unet.unet import UNet, UNetConfig, forward_padded
-
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_time
 
 
 def matmul_gflops(repeat: int) -> float:
