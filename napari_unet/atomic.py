@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# Temporary files are hidden and carry this mark, so no reader takes them for data.
+PARTIAL_MARK = ".partial-"
+
 
 @contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -18,7 +21,7 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     stem = final.name[: -len(suffix)] if suffix and final.name.endswith(suffix) else final.name
-    tmp = final.with_name(f".{stem}.partial-{uuid.uuid4().hex[:8]}{suffix}")
+    tmp = final.with_name(f".{stem}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}{suffix}")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -30,3 +33,21 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def is_partial(path: str | os.PathLike) -> bool:
+    """A temporary file of `atomic_path` (whole or not, never data)."""
+    name = Path(path).name
+    return name.startswith(".") and PARTIAL_MARK in name
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder`; returns them."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(f".*{PARTIAL_MARK}*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return stale

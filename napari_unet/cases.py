@@ -156,7 +156,8 @@ class CaseFiles:
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p))
+    # Hidden files are never data: among them are the temporary files of interrupted writes.
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
 
 
 def _match_suffix(stem: str, suffix: str) -> bool:
@@ -228,24 +229,47 @@ def find_case(path: str | os.PathLike) -> CaseFiles:
     return CaseFiles("single", stem, path, {"image": path}, None)
 
 
-def find_cases(path: str | os.PathLike) -> list[Path]:
-    """Case paths under `path`: the case itself, the case folders inside it, or Decathlon images."""
+def find_cases(path: str | os.PathLike, max_depth: int = 3) -> list[Path]:
+    """Case paths under `path`: the case itself, the case folders inside it, or Decathlon images.
+
+    Dataset roots as they are distributed nest the case folders a level or two down (Kaggle's
+    BraTS 2020: `BraTS2020_TrainingData/MICCAI_BraTS2020_TrainingData/BraTS20_Training_001/`),
+    so folders without cases are searched `max_depth` levels deep.
+    """
     path = Path(path)
     if not path.exists():
         raise NapariUnetError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
+    found = _cases_below(path, max_depth)
+    if not found:
+        raise NapariUnetError(f"{path}: no BraTS cases found (no case folders with NIfTI files)")
+    return found
+
+
+def _subfolders(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise NapariUnetError(f"{path}: cannot list the folder ({err.strerror or err})") from None
+
+
+def _cases_below(path: Path, depth: int) -> list[Path]:
     if (path / "imagesTr").is_dir():
         path = path / "imagesTr"
-    files = _nifti_files(path)
+    try:
+        files = _nifti_files(path)
+    except OSError as err:
+        raise NapariUnetError(f"{path}: cannot list the folder ({err.strerror or err})") from None
     if files and (path.name in ("imagesTr", "imagesTs") or all(re.fullmatch(r"BRATS_\d+", _stem(p)) for p in files)):
         return files
     if files:
         return [path]
-    subfolders = sorted(p for p in path.iterdir() if p.is_dir() and _nifti_files(p))
-    if not subfolders:
-        raise NapariUnetError(f"{path}: no BraTS cases found (no case folders with NIfTI files)")
-    return subfolders
+    subfolders = _subfolders(path)
+    cases = [p for p in subfolders if _nifti_files(p)]
+    if cases or depth <= 0:
+        return cases
+    return [case for sub in subfolders for case in _cases_below(sub, depth - 1)]
 
 
 # --------------------------------------------------------------------------- reading

@@ -104,12 +104,16 @@ def test_two_process_ddp_on_the_cpu(dataset_factory, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "napari_unet", "train", str(data), "--out", str(out), "--steps", "3", "--batch-size", "2",
-           "--patch", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu", "--val-fraction", "0.34"]
+           "--patch", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu", "--val-fraction", "0.34",
+           "--cache", str(tmp_path / "cache"), "--workers", "1"]  # both ranks read the one cache rank 0 made
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = load_model(out).metadata["training"]
-    assert meta["processes"] == 2 and meta["batch_size"] == 4 and meta["steps"] == 3
+    assert meta["processes"] == 2 and meta["batch_size"] == 4
+    assert meta["selected"].startswith("best validation Dice")  # the file holds the best validated weights
+    assert torch.load(out.with_name("ddp.checkpoint.pt"), weights_only=True)["step"] == 3
     assert proc.stdout.count("wrote ") == 1  # only rank 0 reports and saves
+    assert len(list((tmp_path / "cache" / "cases").glob("*.b2nd"))) == 3
 
 
 # --------------------------------------------------------------------------- fine-tuning

@@ -42,6 +42,16 @@ class TrainCase:
         has = self.labels[self.trusted].reshape(len(self.trusted), -1).any(axis=1)
         return self.trusted[has]
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.labels.shape
+
+    def read_slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.image[:, z].astype(np.float32), self.labels[z]
+
+    def volume(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.image.astype(np.float32), self.labels
+
 
 def slice_hash(labels_slice: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels_slice, dtype=np.uint8).tobytes()).hexdigest()[:16]
@@ -133,54 +143,76 @@ def split_validation(cases: list[TrainCase], fraction: float, seed: int) -> tupl
     return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
 
 
-class SliceSampler:
-    """Random patches of trusted slices, half of them centred on tumour."""
+class PatchDataset:
+    """Random training patches, each made from its index alone: (image (C, P, P), labels (P, P)).
 
-    def __init__(self, cases: list[TrainCase], patch: int = 128, tumour_fraction: float = 0.5):
-        if not cases:
+    Patch `i` comes from a generator seeded with (seed, rank, i), so a run draws the same
+    patches whatever the number of DataLoader workers, and a resumed run goes on with the
+    patches an uninterrupted one would have drawn. Half the patches (by default) centre on
+    tumour. Sources are in-memory `TrainCase`s or on-disk `CachedCase`s: anything with
+    `trusted`, `tumour_slices`, `shape` and `read_slice(z) -> (image, labels)`.
+
+    With `replay`, the last `replay_per_batch` patches of every batch of `batch_size` come from
+    the replay sources instead (fine-tuning mixes in earlier knowledge that way).
+    """
+
+    def __init__(self, sources, patch: int = 128, tumour_fraction: float = 0.5, seed: int = 0, rank: int = 0,
+                 replay=(), replay_per_batch: int = 0, batch_size: int = 1):
+        if not sources:
             raise NapariUnetError("no training cases")
-        self.cases = cases
-        self.patch = patch
-        self.tumour_fraction = tumour_fraction
-        self.tumour = [c.tumour_slices for c in cases]
-        weights = np.array([len(c.trusted) for c in cases], float)
-        self.case_p = weights / weights.sum()
+        self.groups = [_SourceGroup(list(sources))]
+        if replay and replay_per_batch:
+            self.groups.append(_SourceGroup(list(replay)))
+        self.patch, self.tumour_fraction, self.seed, self.rank = patch, tumour_fraction, seed, rank
+        self.replay_per_batch = replay_per_batch if len(self.groups) > 1 else 0
+        self.batch_size = batch_size
 
     @property
     def n_slices(self) -> int:
-        return int(sum(len(c.trusted) for c in self.cases))
+        return self.groups[0].n_slices
 
-    def _patch(self, case: TrainCase, z: int, centre: tuple[int, int]):
-        p = self.patch
-        _, _, h, w = case.image.shape
-        y0 = int(np.clip(centre[0] - p // 2, min(0, h - p), max(0, h - p)))
-        x0 = int(np.clip(centre[1] - p // 2, min(0, w - p), max(0, w - p)))
-        img = np.zeros((case.image.shape[0], p, p), np.float32)
-        lab = np.zeros((p, p), np.int64)
-        ys, xs = slice(max(0, y0), min(h, y0 + p)), slice(max(0, x0), min(w, x0 + p))
-        dy, dx = ys.start - y0, xs.start - x0
-        img[:, dy : dy + ys.stop - ys.start, dx : dx + xs.stop - xs.start] = case.image[:, z, ys, xs]
-        lab[dy : dy + ys.stop - ys.start, dx : dx + xs.stop - xs.start] = case.labels[z, ys, xs]
-        return img, lab
+    def __len__(self) -> int:
+        return 2**62
 
-    def sample(self, n: int, rng: np.random.Generator):
-        """(x (n, C, P, P) float32, y (n, P, P) int64) as numpy arrays."""
-        xs, ys = [], []
-        for _ in range(n):
-            k = int(rng.choice(len(self.cases), p=self.case_p))
-            case = self.cases[k]
-            on_tumour = len(self.tumour[k]) and rng.random() < self.tumour_fraction
-            z = int(rng.choice(self.tumour[k] if on_tumour else case.trusted))
-            plane = case.labels[z] > 0 if on_tumour else np.any(case.image[:, z] != 0, axis=0)
-            cand = np.argwhere(plane)
-            if len(cand):
-                centre = tuple(cand[rng.integers(len(cand))])
-            else:
-                centre = (case.image.shape[2] // 2, case.image.shape[3] // 2)
-            img, lab = self._patch(case, z, centre)
-            xs.append(img)
-            ys.append(lab)
-        return np.stack(xs), np.stack(ys)
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.rank, int(index)])
+        replay = index % self.batch_size >= self.batch_size - self.replay_per_batch
+        group = self.groups[1 if replay else 0]
+        k = int(rng.choice(len(group.sources), p=group.case_p))
+        source = group.sources[k]
+        tumour = source.tumour_slices
+        on_tumour = len(tumour) and rng.random() < self.tumour_fraction
+        z = int(rng.choice(tumour if on_tumour else source.trusted))
+        image, labels = source.read_slice(z)
+        plane = labels > 0 if on_tumour else np.any(image != 0, axis=0)
+        candidates = np.argwhere(plane)
+        centre = tuple(candidates[rng.integers(len(candidates))]) if len(candidates) else (
+            image.shape[1] // 2, image.shape[2] // 2)
+        return crop_patch(image, labels, centre, self.patch)
+
+
+class _SourceGroup:
+    def __init__(self, sources):
+        self.sources = sources
+        weights = np.array([len(s.trusted) for s in sources], float)
+        if not weights.sum():
+            raise NapariUnetError("no trusted slices to learn from")
+        self.case_p = weights / weights.sum()
+        self.n_slices = int(weights.sum())
+
+
+def crop_patch(image: np.ndarray, labels: np.ndarray, centre: tuple[int, int], p: int):
+    """A (C, p, p) float32 / (p, p) int64 window of a slice around `centre`, zero beyond its edge."""
+    _, h, w = image.shape
+    y0 = int(np.clip(centre[0] - p // 2, min(0, h - p), max(0, h - p)))
+    x0 = int(np.clip(centre[1] - p // 2, min(0, w - p), max(0, w - p)))
+    img = np.zeros((image.shape[0], p, p), np.float32)
+    lab = np.zeros((p, p), np.int64)
+    ys, xs = slice(max(0, y0), min(h, y0 + p)), slice(max(0, x0), min(w, x0 + p))
+    dy, dx = ys.start - y0, xs.start - x0
+    img[:, dy : dy + ys.stop - ys.start, dx : dx + xs.stop - xs.start] = image[:, ys, xs]
+    lab[dy : dy + ys.stop - ys.start, dx : dx + xs.stop - xs.start] = labels[ys, xs]
+    return img, lab
 
 
 def augment(x, y, generator):
@@ -190,19 +222,24 @@ def augment(x, y, generator):
 
     n = x.shape[0]
     g = generator
-    flip = torch.rand(n, generator=g) < 0.5
+
+    def rand(*shape):  # drawn on the CPU generator (reproducible), applied where x lives (GPU)
+        return torch.rand(*shape, generator=g).to(x.device)
+
+    flip = rand(n) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     y = torch.where(flip[:, None, None], y.flip(2), y)
-    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(15)
-    scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * 0.1
+    angle = (rand(n) * 2 - 1) * math.radians(15)
+    scale = 1 + (rand(n) * 2 - 1) * 0.1
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     brain = (x != 0).any(1, keepdim=True)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     brain = F.grid_sample(brain.float(), grid, mode="nearest", align_corners=False) > 0
     y = F.grid_sample(y[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0].long()
-    gain = 1 + (torch.rand(n, x.shape[1], 1, 1, generator=g) * 2 - 1) * 0.15
-    shift = (torch.rand(n, x.shape[1], 1, 1, generator=g) * 2 - 1) * 0.15
+    gain = 1 + (rand(n, x.shape[1], 1, 1) * 2 - 1) * 0.15
+    shift = (rand(n, x.shape[1], 1, 1) * 2 - 1) * 0.15
     x = torch.where(brain, x * gain + shift, torch.zeros_like(x))
     return x, y

@@ -20,13 +20,15 @@ import torch
 
 from napari_unet import NapariUnetError
 from napari_unet.atomic import atomic_path
+from napari_unet.labels import REGIONS, region_mask
 from napari_unet.metrics import dice
 from napari_unet.modelfile import LoadedModel, load_model, make_metadata, save_model
 from napari_unet.predict import Cancelled, Predictor, PreparedVolume, resolve_device
 from napari_unet.preprocess import Normalisation
 from napari_unet.unet import UNet, UNetConfig
-from training.data import SliceSampler, TrainCase, augment, load_root, load_store, split_validation
-from training.losses import REGION_CLASSES, region_dice_ce
+from training.cache import case_key, dataset_cases, open_cache, prepare_cache
+from training.data import PatchDataset, TrainCase, augment, load_root, load_store, split_validation
+from training.losses import region_dice_ce
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Settings:
     tumour_fraction: float = 0.5  # share of patches centred on tumour
     trainable: str = "all"  # "all", or "input": only the first level (adapts to a new scanner's contrasts)
     optimizer: str = "adamw"  # "adamw" (training) or "sgd" (fine-tuning: steps shrink with the error)
+    workers: int = 0  # DataLoader worker processes making patches (0: in the training process)
+    precision: str = "auto"  # "auto" (fp16 + loss scaling on pre-Ampere GPUs, bf16 on newer ones, fp32 on CPU), "fp32"
 
 
 @dataclass
@@ -83,8 +87,49 @@ def _setup_ddp(device_name: str):
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        import datetime
+
+        # Rank 0 may spend a while preparing the cache before the first collective.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=3))
     return True, rank, world, device
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The mixed-precision type for training on `device` (None: fp32).
+
+    Chosen by compute capability, not `torch.cuda.is_bf16_supported()`, which says True on a
+    T4 (7.5) where bf16 is only emulated and slower than fp16.
+    """
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    if precision not in ("auto", "fp16", "bf16"):
+        raise NapariUnetError(f"unknown precision {precision!r} (auto, fp32, fp16, bf16)")
+    if precision == "auto":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def _loader_worker_init(_worker_id: int) -> None:
+    # Each worker makes whole patches on its own; threads within it would only contend.
+    torch.set_num_threads(1)
+    try:
+        import blosc2
+
+        blosc2.set_nthreads(1)
+    except ImportError:
+        pass
+
+
+def patch_loader(dataset: PatchDataset, first_step: int, steps: int, batch_size: int, workers: int, pin: bool):
+    """Batches of patches for steps `first_step`..`steps - 1`; batch k holds patches k*B .. k*B + B - 1."""
+    from torch.utils.data import DataLoader
+
+    indices = range(first_step * batch_size, steps * batch_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin,
+                      worker_init_fn=_loader_worker_init if workers else None,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -97,22 +142,23 @@ def _lr_at(step: int, s: Settings) -> float:
     return s.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def validate(model: UNet, metadata: dict, cases: list[TrainCase], device) -> dict[str, float]:
+def validate(model: UNet, metadata: dict, cases, device) -> dict[str, float]:
     """Mean Dice per region over whole validation volumes, through the inference engine."""
     was_training = model.training
     predictor = Predictor(LoadedModel(model, metadata, Path("<training>")), str(device))
     model.train(was_training)
-    scores = {r: [] for r in (("WT",) if metadata["task"] == "binary" else REGION_CLASSES)}
+    binary = metadata["task"] == "binary"
+    regions = ("WT",) if binary else tuple(REGIONS)
+    scores = {r: [] for r in regions}
     for case in cases:
-        crop = case.image.astype(np.float32)
+        crop, labels = case.volume()
         mask = np.any(crop != 0, axis=0)
-        z, h, w = case.labels.shape
+        z, h, w = labels.shape
         vol = PreparedVolume(crop, (slice(0, z), slice(0, h), slice(0, w)), mask, (z, h, w))
         pred = predictor.predict(vol).labels
-        for region in scores:
-            classes = (1,) if metadata["task"] == "binary" else REGION_CLASSES[region]
-            truth = np.isin(case.labels, REGION_CLASSES["WT"] if metadata["task"] == "binary" else classes)
-            scores[region].append(dice(np.isin(pred, classes), truth))
+        for region in regions:
+            truth = region_mask(labels, region)
+            scores[region].append(dice(pred > 0 if binary else region_mask(pred, region), truth))
     return {r: float(np.mean(v)) for r, v in scores.items()}
 
 
@@ -161,10 +207,10 @@ def run(
     is_ddp, rank, world, device = _setup_ddp(s.device)
     master = rank == 0
     torch.manual_seed(s.seed + rank)
-    rng = np.random.default_rng([s.seed, rank])
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank)
-    sampler = SliceSampler(train_cases, s.patch, s.tumour_fraction)
-    replay = SliceSampler(list(replay_cases), s.patch, s.tumour_fraction) if replay_cases else None
+    n_replay = int(round(s.batch_size * s.replay_fraction)) if replay_cases else 0
+    dataset = PatchDataset(train_cases, s.patch, s.tumour_fraction, seed=s.seed, rank=rank,
+                           replay=replay_cases, replay_per_batch=n_replay, batch_size=s.batch_size)
     model.to(device).to(memory_format=torch.channels_last)
     if is_ddp and device.type == "cuda" and model.config.norm == "batch":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -174,10 +220,11 @@ def run(
         opt = torch.optim.SGD(params, lr=s.lr, momentum=0.9, nesterov=True, weight_decay=s.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(device, s.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step, history = 0, []
+    best_val, best_step = -math.inf, None
     ckpt = _checkpoint_path(out) if (out is not None and (checkpoints or resume)) else None
     if resume:
         if ckpt is None or not ckpt.exists():
@@ -186,8 +233,10 @@ def run(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
-        rng.bit_generator.state = state["numpy_rng"]
+        best_val, best_step = state.get("best_val", best_val), state.get("best_step")
         gen.set_state(state["torch_rng"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         if master and log:
             log(f"resumed from {ckpt} at step {step}")
 
@@ -195,33 +244,60 @@ def run(
         if master and ckpt is not None:
             _save_checkpoint(ckpt, {
                 "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "numpy_rng": _plain(rng.bit_generator.state), "torch_rng": gen.get_state(),
-                "history": history, "settings": asdict(s),
+                "torch_rng": gen.get_state(), "scaler": scaler.state_dict(),
+                "history": history, "settings": asdict(s), "best_val": best_val, "best_step": best_step,
             })
 
-    best, since_best, ema, stopped_early = math.inf, 0, None, False
+    def finished_metadata(val: dict | None) -> dict:
+        meta = dict(metadata)
+        meta["training"] = dict(metadata.get("training", {}))
+        meta["training"].update({
+            "steps": step, "batch_size": s.batch_size * world, "patch": s.patch, "seed": s.seed,
+            "final_loss": round(ema, 5) if ema is not None else None,
+            "seconds": round(time.perf_counter() - start_time, 1), "device": str(device), "processes": world,
+            "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+        })
+        if val:
+            meta["training"]["validation_dice"] = {k: round(v, 4) for k, v in val.items()}
+        return meta
+
+    def validate_and_keep_best() -> dict:
+        """Validation Dice now; the model file holds the best weights seen so far."""
+        nonlocal best_val, best_step
+        val = validate(model, metadata, list(val_cases), device)
+        if out is not None and float(np.mean(list(val.values()))) > best_val:
+            best_val, best_step = float(np.mean(list(val.values()))), step
+            meta = finished_metadata(val)
+            meta["training"]["selected"] = f"best validation Dice, at step {step}"
+            save_model(model, meta, out)
+        return val
+
+    ema, stopped_early = None, False
+    best, since_best = math.inf, 0
     net.train()
     if s.freeze_batchnorm:
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+    loader = patch_loader(dataset, step, s.steps, s.batch_size, s.workers, pin=device.type == "cuda")
+    batches = iter(loader)
     while step < s.steps:
         if cancel is not None and cancel():
+            del batches
             raise Cancelled("cancelled; no model was written")
-        n_replay = int(round(s.batch_size * s.replay_fraction)) if replay else 0
-        x, y = sampler.sample(s.batch_size - n_replay, rng)
-        if n_replay:
-            xr, yr = replay.sample(n_replay, rng)
-            x, y = np.concatenate([x, xr]), np.concatenate([y, yr])
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        x, y = next(batches)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
         if s.augment:
             x, y = augment(x, y, gen)
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = region_dice_ce(net(x), y)
+        if not torch.isfinite(loss):
+            raise NapariUnetError(f"training diverged at step {step + 1} (the loss is {float(loss)}); "
+                                  "no model was written: check the data for bad values, or lower --lr")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -236,7 +312,7 @@ def run(
             else:
                 since_best += 1
         if master and s.val_every and step % s.val_every == 0 and val_cases:
-            record["val_dice"] = validate(model, metadata, list(val_cases), device)
+            record["val_dice"] = validate_and_keep_best()
             if log:
                 log(f"step {step}: loss {ema:.4f}, validation Dice {record['val_dice']}")
         history.append(record)
@@ -247,26 +323,28 @@ def run(
         if s.early_stop_patience and since_best >= s.early_stop_patience:
             stopped_early = True
             break
+    del batches
     model.eval()
-    final_val = validate(model, metadata, list(val_cases), device) if (master and val_cases) else None
-    metadata = dict(metadata)
-    metadata["training"] = dict(metadata.get("training", {}))
-    metadata["training"].update({
-        "steps": step, "batch_size": s.batch_size * world, "patch": s.patch, "seed": s.seed,
-        "final_loss": round(ema, 5) if ema is not None else None,
-        "seconds": round(time.perf_counter() - start_time, 1), "device": str(device), "processes": world,
-    })
-    if final_val:
-        metadata["training"]["validation_dice"] = {k: round(v, 4) for k, v in final_val.items()}
-    written = None
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NapariUnetError("training produced non-finite weights; no model was written")
+    written, final_val = None, None
+    if master and val_cases:
+        last = history[-1].get("val_dice") if history else None
+        final_val = last or validate_and_keep_best()
+    meta = finished_metadata(final_val)
     if master and out is not None:
-        written = save_model(model, metadata, out)
+        if best_step is not None:  # the model file already holds the best validated weights
+            written = out
+            meta["training"]["selected"] = f"best validation Dice, at step {best_step}"
+            meta["training"]["validation_dice"] = load_model(out).metadata["training"]["validation_dice"]
+        else:
+            written = save_model(model, meta, out)
         save_checkpoint()
     if is_ddp:
         import torch.distributed as dist
 
         dist.barrier()
-    return Result(model, metadata, step, history, stopped_early, time.perf_counter() - start_time, written)
+    return Result(model, meta, step, history, stopped_early, time.perf_counter() - start_time, written)
 
 
 def warm_up() -> None:
@@ -283,6 +361,12 @@ def warm_up() -> None:
 # --------------------------------------------------------------------------- entry points
 
 
+def default_cache_dir(out: str | os.PathLike) -> Path:
+    """Where `train` keeps its cache when given none: beside the model file."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".cache")
+
+
 def train(
     data,
     out,
@@ -292,19 +376,37 @@ def train(
     task: str = "multiclass",
     val_fraction: float = 0.1,
     resume: bool = False,
+    cache=None,
+    prepare_workers: int | None = None,
     progress=None,
     load_progress=None,
     cancel=None,
     log=None,
 ) -> Result:
-    """Train a new model on a BraTS root (any layout); writes `out` and `<out>.checkpoint.pt`."""
+    """Train a new model on one or more BraTS roots (any layout); writes `out` and `<out>.checkpoint.pt`.
+
+    The cases are preprocessed once into `cache` (default: `<out>.cache` beside the model) and
+    read from there slice by slice, so memory does not grow with the number of cases. Under
+    torchrun, rank 0 prepares the cache while the other ranks wait.
+    """
     config = config or UNetConfig(base_channels=16, padding="same", norm="batch")
     if task == "binary":
         config = UNetConfig(**{**config.to_dict(), "out_channels": 2})
+    roots = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     norm = Normalisation()
     metadata = make_metadata(config, task=task, normalisation=norm.to_dict(),
-                             training={"data": str(data), "kind": "from scratch"})
-    cases = load_root(data, metadata["modalities"], norm, progress=load_progress)
+                             training={"data": [str(r) for r in roots], "kind": "from scratch"})
+    cache = Path(cache) if cache is not None else default_cache_dir(out)
+    is_ddp, rank, _, _ = _setup_ddp(settings.device)
+    if rank == 0:
+        cases = prepare_cache(roots, cache, metadata["modalities"], norm, workers=prepare_workers,
+                              progress=load_progress, cancel=cancel, log=log)
+    if is_ddp:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank != 0:
+        cases = open_cache(cache, metadata["modalities"], norm, ids=[case_key(p) for p in dataset_cases(roots)])
     train_cases, val_cases = split_validation(cases, val_fraction, settings.seed)
     metadata["training"]["cases"] = len(train_cases)
     metadata["training"]["validation_cases"] = [c.case_id for c in val_cases]

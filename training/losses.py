@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Canonical classes in each region (0 background, 1 NCR, 2 ED, 3 ET).
-REGION_CLASSES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+from napari_unet.labels import REGIONS
 
 
 def region_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -22,7 +21,7 @@ def region_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     denom = weight.sum().clamp_min(1.0)
     ce = (F.cross_entropy(logits.float(), target, reduction="none") * weight).sum() / denom
     probs = torch.softmax(logits.float(), dim=1)
-    regions = {"WT": (1,)} if logits.shape[1] == 2 else REGION_CLASSES
+    regions = {"WT": (1,)} if logits.shape[1] == 2 else REGIONS
     dice_losses = []
     for classes in regions.values():
         p = probs[:, list(classes)].sum(1) * weight

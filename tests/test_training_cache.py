@@ -1,0 +1,148 @@
+"""The training cache: what training reads equals what preprocessing made, preparing resumes,
+a cache made for another model is refused, DataLoader workers change nothing, roots as they come."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unet import NapariUnetError
+from napari_unet.cases import MODALITIES, read_case
+from napari_unet.cli import main
+from napari_unet.modelfile import load_model, make_metadata
+from napari_unet.predict import Cancelled
+from napari_unet.preprocess import Normalisation, prepare
+from napari_unet.unet import UNet, UNetConfig
+from training.cache import open_cache, prepare_cache
+from training.data import PatchDataset, load_root
+from training.loop import Settings, run
+
+NORM = Normalisation()
+SMALL_NET = UNetConfig(base_channels=4, depth=2, padding="same", norm="batch")
+
+
+@pytest.fixture(scope="module")
+def root(dataset_factory):
+    return dataset_factory("brats2021", cases=3, seed=31)[0].parent
+
+
+@pytest.fixture(scope="module")
+def cached(root, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, prepare_cache(root, cache, MODALITIES, NORM, workers=2)
+
+
+def test_what_training_reads_equals_what_preprocessing_made(root, cached):
+    cache, cases = cached
+    assert [c.case_id for c in cases] == sorted(p.name for p in root.iterdir())
+    for cc in cases:
+        case = read_case(cc.record["source"])
+        crop, box, mask = prepare(case.stack(MODALITIES), NORM)
+        image, labels = cc.volume()
+        assert image.shape == crop.shape
+        np.testing.assert_array_equal(labels, case.labels[box])
+        np.testing.assert_array_equal(image[:, ~mask], 0)  # outside the brain: exactly 0
+        for c, step in enumerate(cc.record["steps"]):
+            assert np.abs(image[c] - crop[c]).max() <= step / 2 + 1e-5
+        z = int(cc.tumour_slices[0])
+        slice_image, slice_labels = cc.read_slice(z)
+        np.testing.assert_array_equal(slice_image, image[:, z])
+        np.testing.assert_array_equal(slice_labels, labels[z])
+    assert sum(f.stat().st_size for f in (cache / "cases").iterdir()) < 3 * crop.size  # compressed, 8-bit
+
+
+def test_patches_from_the_cache_match_patches_from_memory(root, cached):
+    _, cases = cached
+    in_memory = load_root(root, MODALITIES, NORM)
+    from_disk = PatchDataset(cases, patch=32, seed=5)
+    from_memory = PatchDataset(in_memory, patch=32, seed=5)
+    step = max(max(c.record["steps"]) for c in cases)
+    for i in range(40):
+        (xd, yd), (xm, ym) = from_disk[i], from_memory[i]
+        np.testing.assert_array_equal(yd, ym)
+        assert np.abs(xd - xm).max() <= step / 2 + 0.01  # float16 in memory, 8-bit on disk
+
+
+def test_an_interrupted_prepare_goes_on_where_it_stopped(root, tmp_path):
+    cache = tmp_path / "cache"
+    seen = []
+    with pytest.raises(Cancelled, match="cancelled after 1 of 3"):
+        prepare_cache(root, cache, MODALITIES, NORM, workers=1, progress=lambda d, t: seen.append(d),
+                      cancel=lambda: len(seen) >= 2)
+    first = sorted((cache / "cases").glob("*.json"))
+    assert len(first) == 1
+    mtime = first[0].stat().st_mtime_ns
+    leftover = cache / "cases" / ".BraTS2021_00002.b2nd.partial-deadbeef.b2nd"  # a kill mid-write
+    leftover.write_bytes(b"half a file")
+    progress = []
+    cases = prepare_cache(root, cache, MODALITIES, NORM, workers=1, progress=lambda d, t: progress.append((d, t)))
+    assert progress[0] == (1, 3) and progress[-1] == (3, 3)  # the cached case was not done again
+    assert first[0].stat().st_mtime_ns == mtime
+    assert not leftover.exists() and len(cases) == 3
+
+
+def test_a_cache_made_for_another_model_is_refused(cached, tmp_path):
+    cache, _ = cached
+    with pytest.raises(NapariUnetError, match="modalities"):
+        open_cache(cache, ("t1", "flair"), NORM)
+    with pytest.raises(NapariUnetError, match="normalisation"):
+        open_cache(cache, MODALITIES, Normalisation(margin=8))
+    with pytest.raises(NapariUnetError, match="not a training cache"):
+        open_cache(tmp_path, MODALITIES, NORM)
+
+
+def test_dataloader_workers_draw_the_same_batches(cached):
+    _, cases = cached
+    weights = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = UNet(SMALL_NET)
+        run(model, make_metadata(SMALL_NET), cases,
+            Settings(steps=3, batch_size=4, patch=32, seed=1, device="cpu", warmup=1, workers=workers))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_nested_roots_several_roots_and_duplicates(root, tmp_path, capsys):
+    # Kaggle's BraTS 2020 mount: two folder levels above the cases, CSV files beside them.
+    nested = tmp_path / "BraTS2020_TrainingData" / "MICCAI_BraTS2020_TrainingData"
+    shutil.copytree(root, nested)
+    (nested / "name_mapping.csv").write_text("Grade,BraTS_2020_subject_ID\nHGG,x\n")
+    # The same patient again under another name in a second root: used once.
+    second = tmp_path / "other"
+    (second / "BraTS2021_09999").mkdir(parents=True)
+    for f in (root / "BraTS2021_00001").iterdir():
+        shutil.copy(f, second / "BraTS2021_09999" / f.name.replace("00001", "09999"))
+    code = main(["prepare", str(tmp_path / "BraTS2020_TrainingData"), str(second), "--cache", str(tmp_path / "c"),
+                 "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "3 case(s) ready" in captured.out
+    assert "BraTS2021_09999: the same images as BraTS2021_00001; used once" in captured.err
+
+
+def test_a_case_missing_a_modality_is_skipped_with_a_message(root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    next((data / "BraTS2021_00002").glob("*_t2.nii.gz")).unlink()
+    assert main(["prepare", str(data), "--cache", str(tmp_path / "c"), "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "2 case(s) ready" in captured.out
+    assert "skipped:" in captured.err and "BraTS2021_00002" in captured.err and "T2" in captured.err.upper()
+
+
+def test_train_reads_from_the_cache_and_records_the_best_validation(root, tmp_path):
+    out = tmp_path / "m.safetensors"
+    code = main(["train", str(root), "--out", str(out), "--cache", str(tmp_path / "cache"), "--steps", "4",
+                 "--val-every", "2", "--batch-size", "2", "--patch", "32", "--base-channels", "4", "--depth", "2",
+                 "--device", "cpu", "--val-fraction", "0.34", "--workers", "1", "--prepare-workers", "1"])
+    assert code == 0
+    meta = load_model(out).metadata["training"]
+    assert meta["validation_cases"] and set(meta["validation_dice"]) == {"WT", "TC", "ET"}
+    assert meta["selected"].startswith("best validation Dice, at step ")
+    settings = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert settings["modalities"] == list(MODALITIES)

@@ -1,0 +1,345 @@
+"""The preprocessed training cache: one pass over the data, then slices read lazily from disk.
+
+Training's memory must not grow with the number of cases (BraTS 2021 holds 1251), so each case
+is normalised and cropped once, in the manner of nnU-Net v2's preprocessing, and written as one
+compressed array that training reads one axial slice at a time:
+
+    CACHE/cache.json        what every case was made with: modalities, normalisation, quantisation
+    CACHE/cases/ID.b2nd     (C + 1, Z, H, W) uint8 blosc2 array, one chunk per axial slice:
+                            C quantised image channels, then the canonical labels
+    CACHE/cases/ID.json     the case's record: source, crop box, dequantisation, brain and
+                            tumour slices, a fingerprint of its voxels; written last, so a case
+                            counts as cached only once both files are whole
+
+Images are stored in 8 bits: 0 outside the brain (decoded as exactly 0, as the z-score leaves
+it), and inside 255 levels between the channel's minimum and maximum, so a decoded value is
+within half a level (`step / 2`) of what preprocessing made.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from napari_unet import NapariUnetError
+from napari_unet.atomic import atomic_path, remove_stale_partials, write_text
+from napari_unet.cases import find_cases, read_case
+from napari_unet.preprocess import Normalisation, prepare
+
+CACHE_FORMAT = "napari-unet-cache"
+CACHE_VERSION = 1
+QUANTISATION = "uint8: 0 outside the brain, 1..255 spanning each channel's brain minimum..maximum"
+LEVELS = 254  # steps between code 1 and code 255
+
+
+# --------------------------------------------------------------------------- quantisation
+
+
+def quantise(crop: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[float], list[float]]:
+    """(C, Z, H, W) float32 z-scored crop and its brain mask -> (uint8 codes, lows, steps)."""
+    codes = np.zeros(crop.shape, np.uint8)
+    lows, steps = [], []
+    for c in range(crop.shape[0]):
+        values = crop[c][mask]
+        lo = float(values.min()) if values.size else 0.0
+        hi = float(values.max()) if values.size else 0.0
+        step = (hi - lo) / LEVELS or 1.0
+        codes[c][mask] = (1 + np.rint((values - lo) / step)).clip(1, 255).astype(np.uint8)
+        lows.append(lo)
+        steps.append(step)
+    return codes, lows, steps
+
+
+def dequantise(codes: np.ndarray, lows: Sequence[float], steps: Sequence[float]) -> np.ndarray:
+    """(C, ...) uint8 codes -> float32 values (0 where the code is 0)."""
+    shape = (len(lows),) + (1,) * (codes.ndim - 1)
+    lo = np.asarray(lows, np.float32).reshape(shape)
+    step = np.asarray(steps, np.float32).reshape(shape)
+    values = lo + (codes.astype(np.float32) - 1) * step
+    return np.where(codes == 0, np.float32(0), values)
+
+
+# --------------------------------------------------------------------------- finding the data
+
+
+def _mapping_duplicates(roots: Sequence[Path]) -> set[str]:
+    """BraTS 2020 case ids that a mapping file beside the data says are also BraTS 2021 cases.
+
+    BraTS 2021 re-released BraTS 2020's patients under new ids. A mapping CSV with a 2020 and
+    a 2021 column (the challenge's `BraTS21-17_Mapping.csv` is one) tells which; BraTS 2020's own
+    `name_mapping.csv` maps only to 2017-2019 ids and cannot.
+    """
+    duplicates: set[str] = set()
+    for root in roots:
+        for folder in (root, root.parent):
+            for path in folder.glob("*.csv"):
+                if "mapping" not in path.name.lower():
+                    continue
+                try:
+                    with open(path, newline="") as f:
+                        rows = list(csv.DictReader(f))
+                except (OSError, UnicodeDecodeError, csv.Error):
+                    continue
+                if not rows:
+                    continue
+                col20 = next((k for k in rows[0] if k and "2020" in k), None)
+                col21 = next((k for k in rows[0] if k and "2021" in k), None)
+                if col20 and col21:
+                    duplicates |= {r[col20].strip() for r in rows if r.get(col20) and r.get(col21)}
+    return duplicates
+
+
+def dataset_cases(roots: Sequence[str | os.PathLike]) -> list[Path]:
+    """Case paths under one or more dataset roots, each patient once (see `_mapping_duplicates`)."""
+    roots = [Path(r) for r in roots]
+    seen: dict[str, Path] = {}
+    skip = _mapping_duplicates(roots)
+    for root in roots:
+        for path in find_cases(root):
+            case_id = case_key(path)
+            if case_id in skip or case_id in seen:
+                continue
+            seen[case_id] = path
+    return list(seen.values())
+
+
+def case_key(path: Path) -> str:
+    """A case's id in the cache: its folder or file name without the NIfTI suffix."""
+    return re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- writing the cache
+
+
+def _settings_record(modalities: Sequence[str], norm: Normalisation) -> dict:
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "modalities": list(modalities),
+            "normalisation": norm.to_dict(), "quantisation": QUANTISATION}
+
+
+def open_settings(cache: Path, modalities: Sequence[str], norm: Normalisation, *, create: bool) -> dict:
+    """The cache's settings, checked against what the model needs (created when `create`)."""
+    wanted = _settings_record(modalities, norm)
+    path = cache / "cache.json"
+    if not path.exists():
+        if not create:
+            raise NapariUnetError(f"{cache}: not a training cache (no cache.json); make one with `napari-unet prepare`")
+        write_text(path, json.dumps(wanted, indent=2))
+        return wanted
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise NapariUnetError(f"{path}: unreadable cache settings ({err}); delete the cache folder to rebuild it") from None
+    if not isinstance(found, dict) or found.get("format") != CACHE_FORMAT:
+        raise NapariUnetError(f"{path}: not a napari-unet training cache")
+    for key in ("version", "modalities", "normalisation", "quantisation"):
+        if found.get(key) != wanted[key]:
+            raise NapariUnetError(
+                f"{cache}: the cache was made with {key} {found.get(key)!r}, but this model needs {wanted[key]!r}; "
+                "give another --cache folder, or delete this one to rebuild it"
+            )
+    return found
+
+
+def _case_files(cache: Path, case_id: str) -> tuple[Path, Path]:
+    return cache / "cases" / f"{case_id}.b2nd", cache / "cases" / f"{case_id}.json"
+
+
+def _fingerprint(stack: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(stack).tobytes()).hexdigest()[:24]
+
+
+def prepare_case(path: str | os.PathLike, cache: str | os.PathLike, modalities: Sequence[str], norm_dict: dict) -> dict:
+    """Read, normalise, crop, quantise and write one case; returns its record."""
+    import blosc2
+
+    path, cache = Path(path), Path(cache)
+    case = read_case(path)
+    if case.labels is None:
+        raise NapariUnetError(f"{path}: the case has no segmentation to learn from")
+    stack = case.stack(tuple(modalities))
+    if not np.isfinite(stack).all():
+        raise NapariUnetError(f"{path}: the images hold NaN or infinite voxels")
+    crop, box, mask = prepare(stack, Normalisation.from_dict(norm_dict))
+    if crop.size == 0:
+        raise NapariUnetError(f"{path}: no brain found (every voxel is 0)")
+    codes, lows, steps = quantise(crop, mask)
+    labels = case.labels[box]
+    data = np.concatenate([codes, labels[None].astype(np.uint8)])
+    array_path, record_path = _case_files(cache, case_key(path))
+    with atomic_path(array_path, suffix=".b2nd") as tmp:
+        blosc2.asarray(
+            data, urlpath=str(tmp), mode="w", chunks=(data.shape[0], 1) + data.shape[2:],
+            cparams=blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=3, filters=[blosc2.Filter.SHUFFLE], nthreads=1),
+        )
+    brain = np.flatnonzero(mask.any(axis=(1, 2)))
+    tumour = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+    record = {
+        "case": case.case_id, "source": str(path), "shape": list(labels.shape),
+        "box": [[int(s.start), int(s.stop)] for s in box], "volume_shape": list(case.shape),
+        "lows": lows, "steps": steps, "brain_slices": brain.tolist(), "tumour_slices": tumour.tolist(),
+        "fingerprint": _fingerprint(stack),
+    }
+    write_text(record_path, json.dumps(record))
+    return record
+
+
+def _worker_init() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def prepare_cache(
+    roots: str | os.PathLike | Sequence[str | os.PathLike],
+    cache: str | os.PathLike,
+    modalities: Sequence[str],
+    norm: Normalisation,
+    *,
+    workers: int | None = None,
+    progress: Callable | None = None,
+    cancel: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list["CachedCase"]:
+    """Cache every case under `roots` that is not cached yet; returns all of them, opened.
+
+    Resumable: a case whose record exists is kept, so an interrupted run goes on where it
+    stopped. A case that cannot be used (a missing modality, no labels, bad values) is skipped
+    with a message rather than ending an hour-long run.
+    """
+    roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+    cache = Path(cache)
+    if cache.exists() and not cache.is_dir():
+        raise NapariUnetError(f"{cache}: the cache must be a folder, and this is a file")
+    (cache / "cases").mkdir(parents=True, exist_ok=True)
+    open_settings(cache, modalities, norm, create=True)
+    remove_stale_partials(cache / "cases")
+    paths = dataset_cases(roots)
+    todo = [p for p in paths if not _case_files(cache, case_key(p))[1].exists()]
+    failures: list[str] = []
+    done = len(paths) - len(todo)
+    if progress:
+        progress(done, len(paths))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    if workers == 1:
+        for path in todo:
+            if cancel is not None and cancel():
+                break
+            try:
+                prepare_case(path, cache, modalities, norm.to_dict())
+            except NapariUnetError as err:
+                failures.append(str(err))
+            done += 1
+            if progress:
+                progress(done, len(paths))
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no forking of a process that holds torch threads
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            futures = {pool.submit(prepare_case, p, cache, tuple(modalities), norm.to_dict()): p for p in todo}
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except NapariUnetError as err:
+                    failures.append(str(err))
+                done += 1
+                if progress:
+                    progress(done, len(paths))
+                if cancel is not None and cancel():
+                    for f in futures:
+                        f.cancel()
+                    break
+    if log:
+        for message in failures:
+            log(f"skipped: {message}")
+    if cancel is not None and cancel() and done < len(paths):
+        from napari_unet.predict import Cancelled
+
+        raise Cancelled(f"cancelled after {done} of {len(paths)} case(s); the cached ones are kept, run again to go on")
+    cached = open_cache(cache, modalities, norm, ids=[case_key(p) for p in paths], log=log)
+    if not cached:
+        raise NapariUnetError(f"{cache}: no usable cases" + (f" ({failures[0]})" if failures else ""))
+    return cached
+
+
+# --------------------------------------------------------------------------- reading the cache
+
+
+@lru_cache(maxsize=32)
+def _open_array(path: str):
+    """blosc2 arrays opened once per process (each DataLoader worker has its own)."""
+    import blosc2
+
+    return blosc2.open(path, mode="r")
+
+
+@dataclass
+class CachedCase:
+    """One cached case; its voxels stay on disk until a slice is asked for."""
+
+    case_id: str
+    path: Path
+    record: dict
+    trusted: np.ndarray  # crop-relative axial indices whose labels are trusted
+    tumour_slices: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.record["shape"])
+
+    @property
+    def channels(self) -> int:
+        return len(self.record["lows"])
+
+    def read_slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image (C, H, W) float32, labels (H, W) uint8) of crop slice z."""
+        data = _open_array(str(self.path))[:, int(z)]
+        return dequantise(data[:-1], self.record["lows"], self.record["steps"]), data[-1]
+
+    def volume(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image (C, Z, H, W) float32, labels (Z, H, W) uint8): the whole crop, for validation."""
+        data = _open_array(str(self.path))[:]
+        return dequantise(data[:-1], self.record["lows"], self.record["steps"]), data[-1]
+
+
+def open_cache(
+    cache: str | os.PathLike,
+    modalities: Sequence[str],
+    norm: Normalisation,
+    *,
+    ids: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[CachedCase]:
+    """The cached cases (those in `ids`, or all), each patient once (same voxels: kept once)."""
+    cache = Path(cache)
+    open_settings(cache, modalities, norm, create=False)
+    wanted = None if ids is None else list(ids)
+    records = sorted((cache / "cases").glob("*.json")) if wanted is None else [
+        _case_files(cache, i)[1] for i in wanted]
+    out, fingerprints = [], {}
+    for record_path in records:
+        if not record_path.exists():
+            continue
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise NapariUnetError(f"{record_path}: unreadable case record ({err}); delete it to prepare the case again") from None
+        array_path = record_path.with_suffix(".b2nd")
+        if not array_path.exists():
+            raise NapariUnetError(f"{array_path}: missing; delete {record_path.name} to prepare the case again")
+        first = fingerprints.setdefault(record["fingerprint"], record_path.stem)
+        if first != record_path.stem:
+            if log:
+                log(f"{record_path.stem}: the same images as {first}; used once")
+            continue
+        out.append(CachedCase(record_path.stem, array_path, record, np.asarray(record["brain_slices"], int),
+                              np.asarray(record["tumour_slices"], int)))
+    return out
