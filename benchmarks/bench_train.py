@@ -45,9 +45,12 @@ from training.loop import Settings, patch_loader, run, validate
 DEFAULT_NET = UNetConfig(base_channels=16, depth=4, padding="same", norm="batch")  # the shipped architecture
 PATCH, BATCH = 128, 8
 BRATS2021_CASES = 1251
-# An NVIDIA T4 has 65 TFLOP/s of fp16 tensor-core peak; cuDNN convolutions of this size reach
-# about a third of it in practice. The estimate is only as good as that fraction.
+# An NVIDIA T4: 65 TFLOP/s fp16 tensor-core peak, of which cuDNN reaches about a third on
+# convolutions like these; 320 GB/s of memory bandwidth, about 70% of it reached. A training
+# step of a thin U-Net is bound by whichever is slower (a roofline). No T4 was at hand: the
+# estimate is only as good as these two fractions.
 T4_FP16_PEAK, T4_ACHIEVED_FRACTION = 65e12, 1 / 3
+T4_BANDWIDTH, T4_BANDWIDTH_FRACTION = 320e9, 0.7
 
 
 def cpu_name() -> str:
@@ -96,14 +99,30 @@ def loading_rate(cases, workers: int, batches: int = 30) -> float:
     return batches * BATCH / (time.perf_counter() - start)
 
 
-def train_flops_per_slice(config: UNetConfig) -> float:
+def train_cost_per_slice(config: UNetConfig) -> tuple[float, float]:
+    """(FLOPs, bytes of fp16 activation traffic) of one training slice, forward and backward.
+
+    Every activation is written in the forward pass, read back in the backward pass, and its
+    gradient written and read once: four passes over the forward activations.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     model = UNet(config)
     x = torch.randn(1, config.in_channels, PATCH, PATCH)
+    elements = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: elements.append(out.numel()))
+             for m in model.modules() if not list(m.children())]
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
-    return counter.get_total_flops()
+    for h in hooks:
+        h.remove()
+    return counter.get_total_flops(), 4 * 2 * sum(elements)
+
+
+def t4_slices_per_second(config: UNetConfig) -> tuple[float, float, float]:
+    flops, traffic = train_cost_per_slice(config)
+    seconds = max(flops / (T4_FP16_PEAK * T4_ACHIEVED_FRACTION), traffic / (T4_BANDWIDTH * T4_BANDWIDTH_FRACTION))
+    return 1 / seconds, flops, traffic
 
 
 def cache_vs_nifti(root: Path, cache: Path, steps: int) -> tuple[dict, dict]:
@@ -171,19 +190,22 @@ def main() -> None:
             gb = peak_train_memory(subset, cache, tmp / f"m{n}.safetensors", args.memory_steps)
             print(f"training memory, {n} cases: peak {gb:.2f} GB for the process tree (PSS, 2 loader workers)")
 
-        flops = train_flops_per_slice(DEFAULT_NET)
-        t4_rate = T4_FP16_PEAK * T4_ACHIEVED_FRACTION / flops
         per_worker = max(rates[1], rates[2] / 2)
         kaggle_loading = 3 * per_worker
-        print(f"T4 estimate: {flops / 1e9:.1f} GFLOP per training slice (forward + backward, {PATCH}x{PATCH}) "
-              f"/ ({T4_FP16_PEAK / 1e12:.0f} TFLOP/s x {T4_ACHIEVED_FRACTION:.2f}) = {t4_rate:.0f} slices/s per T4, "
-              f"{2 * t4_rate:.0f} on two")
-        print(f"  loading with 3 workers (Kaggle: 4 cores) ~ 3 x {per_worker:.0f} = {kaggle_loading:.0f} patches/s "
-              f"on this CPU: {kaggle_loading / (2 * t4_rate):.1f}x what two T4s consume (target >= 3x)")
-        epoch_slices = BRATS2021_CASES * 140
-        print(f"  BraTS 2021, one pass over its ~{epoch_slices:,} brain slices: "
-              f"{epoch_slices / min(2 * t4_rate, kaggle_loading) / 60:.0f} min on T4 x2; "
-              f"{epoch_slices * step_s / BATCH / 3600:.0f} h on this CPU")
+        print(f"loading with 3 workers (Kaggle: 4 cores) ~ 3 x {per_worker:.0f} = {kaggle_loading:.0f} patches/s "
+              "(per-worker rate of this CPU)")
+        for width in (16, 32):
+            config = UNetConfig(base_channels=width, depth=4, padding="same", norm="batch")
+            t4_rate, flops, traffic = t4_slices_per_second(config)
+            print(f"T4 estimate, {width} channels: {flops / 1e9:.1f} GFLOP and {traffic / 1e6:.0f} MB of activation "
+                  f"traffic per training slice ({PATCH}x{PATCH}); max({flops / 1e9:.1f} GFLOP / "
+                  f"{T4_FP16_PEAK * T4_ACHIEVED_FRACTION / 1e12:.0f} TFLOP/s, {traffic / 1e6:.0f} MB / "
+                  f"{T4_BANDWIDTH * T4_BANDWIDTH_FRACTION / 1e9:.0f} GB/s) = {1e3 / t4_rate:.2f} ms: "
+                  f"{t4_rate:.0f} slices/s per T4, {2 * t4_rate:.0f} on two")
+            print(f"  loading / consumption on T4 x2: {kaggle_loading / (2 * t4_rate):.2f}x (target >= 3x); "
+                  f"BraTS 2021 epoch of ~{BRATS2021_CASES * 140:,} slices: "
+                  f"{BRATS2021_CASES * 140 / min(2 * t4_rate, kaggle_loading) / 60:.1f} min")
+        print(f"this CPU, 16 channels: BraTS 2021 epoch {BRATS2021_CASES * 140 * step_s / BATCH / 3600:.1f} h")
 
         sub = tmp / "subset10" if (tmp / "subset10").exists() else tmp / "all"
         from_cache, from_nifti = cache_vs_nifti(sub, tmp / "cache_cmp", args.steps)

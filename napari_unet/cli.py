@@ -120,6 +120,8 @@ def _cmd_train(args) -> int:
     from napari_unet.unet import UNetConfig
     from training.loop import ddp_info, train
 
+    if not args.data and not args.cache:
+        raise NapariUnetError("give the data to train on, or a prepared --cache")
     _, rank, _, _ = ddp_info()
     config = UNetConfig(base_channels=args.base_channels, depth=args.depth, padding=args.padding, norm=args.norm)
     settings = _settings(args, {"checkpoint_every": 100})
@@ -232,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_prepare)
 
     p = sub.add_parser("train", help="train a model on BraTS roots (torchrun for several GPUs)")
-    p.add_argument("data", nargs="+", help="BraTS root folders (any layout), every slice trusted")
+    p.add_argument("data", nargs="*", help="BraTS root folders (any layout), every slice trusted; "
+                                           "none: every case of the prepared --cache")
     p.add_argument("--cache", help="preprocessed cache folder (default: OUT.cache beside the model); "
                                    "made or completed first, see `prepare`")
     p.add_argument("--prepare-workers", type=int, help="processes preparing the cache (default: one per core)")

@@ -224,3 +224,24 @@ def test_write_case_files_rejects_non_canonical_labels(tmp_path):
     with pytest.raises(NapariUnetError, match="not canonical"):
         write_case_files(tmp_path, "brats2021", "X", {m: np.zeros((4, 4, 4)) for m in MODALITIES},
                          np.full((4, 4, 4), 7, np.uint8), np.eye(4))
+
+
+def test_a_leftover_temporary_file_is_never_taken_for_data(good_case):
+    """A kill during an atomic write leaves `.<name>.partial-XXXX<suffix>`; the finder skips it."""
+    seg = next(good_case.glob("*_seg.nii.gz"))
+    truth = read_case(good_case).labels
+    (good_case / f".{good_case.name}_seg.partial-0badc0de.nii.gz").write_bytes(b"truncated")
+    case = read_case(good_case)
+    assert case.source.files["seg"] == str(seg)
+    np.testing.assert_array_equal(case.labels, truth)
+
+
+def test_cases_nested_below_a_dataset_root(dataset_factory, tmp_path):
+    """Kaggle's BraTS 2020 mount puts the case folders two levels down, CSV files beside them."""
+    import shutil
+
+    paths = dataset_factory("brats2020", cases=2)
+    nested = tmp_path / "BraTS2020_TrainingData" / "MICCAI_BraTS2020_TrainingData"
+    shutil.copytree(paths[0].parent, nested)
+    (nested / "name_mapping.csv").write_text("Grade,BraTS_2020_subject_ID\n")
+    assert [p.name for p in find_cases(tmp_path / "BraTS2020_TrainingData")] == [p.name for p in paths]

@@ -146,3 +146,26 @@ def test_train_reads_from_the_cache_and_records_the_best_validation(root, tmp_pa
     assert meta["selected"].startswith("best validation Dice, at step ")
     settings = json.loads((tmp_path / "cache" / "cache.json").read_text())
     assert settings["modalities"] == list(MODALITIES)
+
+
+def test_precision_follows_the_gpu_generation(monkeypatch):
+    from training.loop import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu")) is None  # the CPU trains in fp32 (deterministic)
+    # A T4 (7.5) says bf16 is supported, through emulation: it gets fp16 with loss scaling.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert autocast_dtype(torch.device("cuda", 0)) is torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert autocast_dtype(torch.device("cuda", 0)) is torch.bfloat16
+    assert autocast_dtype(torch.device("cuda", 0), "fp32") is None
+    with pytest.raises(NapariUnetError, match="unknown precision"):
+        autocast_dtype(torch.device("cuda", 0), "fp8")
+
+
+def test_train_from_a_prepared_cache_alone(cached, tmp_path):
+    cache, _ = cached
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--cache", str(cache), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                 "--patch", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu", "--val-fraction", "0"]) == 0
+    assert load_model(out).metadata["training"]["cases"] == 3
+    assert main(["train", "--out", str(out), "--steps", "2"]) == 2  # neither data nor cache: a message

@@ -273,7 +273,7 @@ def prepare_cache(
 # --------------------------------------------------------------------------- reading the cache
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def _open_array(path: str):
     """blosc2 arrays opened once per process (each DataLoader worker has its own)."""
     import blosc2

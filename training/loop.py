@@ -122,13 +122,26 @@ def _loader_worker_init(_worker_id: int) -> None:
         pass
 
 
+class _Batches:
+    """Batch k of a PatchDataset, made whole in one worker: one transfer a batch, not one a patch."""
+
+    def __init__(self, patches: PatchDataset, batch_size: int):
+        self.patches, self.batch_size = patches, batch_size
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.patches[k * self.batch_size + j] for j in range(self.batch_size)]
+        images = np.stack([image for image, _ in items])
+        labels = np.stack([labels for _, labels in items]).astype(np.uint8)  # 8x less to move than int64
+        return torch.from_numpy(images), torch.from_numpy(labels)
+
+
 def patch_loader(dataset: PatchDataset, first_step: int, steps: int, batch_size: int, workers: int, pin: bool):
-    """Batches of patches for steps `first_step`..`steps - 1`; batch k holds patches k*B .. k*B + B - 1."""
+    """Batches of patches for steps `first_step`..`steps - 1`; batch k holds patches k*B .. k*B + B - 1,
+    so what a step sees depends neither on the number of workers nor on a resume."""
     from torch.utils.data import DataLoader
 
-    indices = range(first_step * batch_size, steps * batch_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin,
-                      worker_init_fn=_loader_worker_init if workers else None,
+    return DataLoader(_Batches(dataset, batch_size), batch_size=None, sampler=range(first_step, steps),
+                      num_workers=workers, pin_memory=pin, worker_init_fn=_loader_worker_init if workers else None,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
@@ -287,7 +300,7 @@ def run(
             raise Cancelled("cancelled; no model was written")
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True).long()
         if s.augment:
             x, y = augment(x, y, gen)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -385,6 +398,8 @@ def train(
 ) -> Result:
     """Train a new model on one or more BraTS roots (any layout); writes `out` and `<out>.checkpoint.pt`.
 
+    With no roots (`data` empty), every case of an already prepared `cache` is used.
+
     The cases are preprocessed once into `cache` (default: `<out>.cache` beside the model) and
     read from there slice by slice, so memory does not grow with the number of cases. Under
     torchrun, rank 0 prepares the cache while the other ranks wait.
@@ -398,15 +413,20 @@ def train(
                              training={"data": [str(r) for r in roots], "kind": "from scratch"})
     cache = Path(cache) if cache is not None else default_cache_dir(out)
     is_ddp, rank, _, _ = _setup_ddp(settings.device)
-    if rank == 0:
-        cases = prepare_cache(roots, cache, metadata["modalities"], norm, workers=prepare_workers,
-                              progress=load_progress, cancel=cancel, log=log)
-    if is_ddp:
-        import torch.distributed as dist
+    if not roots:  # every case of a prepared cache; the data itself may be gone
+        cases = open_cache(cache, metadata["modalities"], norm, log=log if rank == 0 else None)
+        if not cases:
+            raise NapariUnetError(f"{cache}: the cache holds no cases; give the data to prepare it")
+    else:
+        if rank == 0:
+            cases = prepare_cache(roots, cache, metadata["modalities"], norm, workers=prepare_workers,
+                                  progress=load_progress, cancel=cancel, log=log)
+        if is_ddp:
+            import torch.distributed as dist
 
-        dist.barrier()
-    if rank != 0:
-        cases = open_cache(cache, metadata["modalities"], norm, ids=[case_key(p) for p in dataset_cases(roots)])
+            dist.barrier()
+        if rank != 0:
+            cases = open_cache(cache, metadata["modalities"], norm, ids=[case_key(p) for p in dataset_cases(roots)])
     train_cases, val_cases = split_validation(cases, val_fraction, settings.seed)
     metadata["training"]["cases"] = len(train_cases)
     metadata["training"]["validation_cases"] = [c.case_id for c in val_cases]
