@@ -35,12 +35,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def is_partial(path: str | os.PathLike) -> bool:
-    """A temporary file of `atomic_path` (whole or not, never data)."""
-    name = Path(path).name
-    return name.startswith(".") and PARTIAL_MARK in name
-
-
 def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files a killed writer left in `folder`; returns them."""
     folder = Path(folder)

@@ -24,17 +24,7 @@ import numpy as np
 from napari_unet import NapariUnetError
 from napari_unet.atomic import atomic_path, write_text
 from napari_unet.cases import Case, CaseSource, layout_paths, read_labels, write_case_files, write_labels
-
-CORRECTIONS_FILE = "corrections.json"
-
-
-def corrections_path(case_dir_or_file: Path) -> Path:
-    """Where a store case keeps its corrections.json (Decathlon cases: one file per case)."""
-    p = Path(case_dir_or_file)
-    if p.is_dir() or not p.name.lower().endswith((".nii", ".nii.gz")):
-        return p / CORRECTIONS_FILE
-    stem = p.name.split(".nii")[0]
-    return p.with_name(f"{stem}.{CORRECTIONS_FILE}")
+from napari_unet.store import corrections_path
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

@@ -21,12 +21,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +196,15 @@ def prepare_case(path: str | os.PathLike, cache: str | os.PathLike, modalities: 
     return record
 
 
+def _prepare_or_message(path: Path, cache: Path, modalities: Sequence[str], norm_dict: dict) -> str | None:
+    """`prepare_case`, with a case that cannot be used turned into its message (None: cached)."""
+    try:
+        prepare_case(path, cache, modalities, norm_dict)
+    except NapariUnetError as err:
+        return str(err)
+    return None
+
+
 def _worker_init() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -223,44 +235,32 @@ def prepare_cache(
     remove_stale_partials(cache / "cases")
     paths = dataset_cases(roots)
     todo = [p for p in paths if not _case_files(cache, case_key(p))[1].exists()]
-    failures: list[str] = []
-    done = len(paths) - len(todo)
+    done, failures = len(paths) - len(todo), []
     if progress:
         progress(done, len(paths))
+    cancelled = bool(todo) and cancel is not None and cancel()
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    if workers == 1:
-        for path in todo:
-            if cancel is not None and cancel():
-                break
-            try:
-                prepare_case(path, cache, modalities, norm.to_dict())
-            except NapariUnetError as err:
-                failures.append(str(err))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init) if workers > 1 and not cancelled else nullcontext() as pool:
+        args = (repeat(cache), repeat(tuple(modalities)), repeat(norm.to_dict()))
+        # One message (or None) per case, as each finishes; without a pool, prepared as asked for.
+        messages = map(_prepare_or_message, todo, *args) if pool is None else (
+            f.result() for f in as_completed([pool.submit(_prepare_or_message, p, *a) for p, *a in zip(todo, *args)]))
+        for message in [] if cancelled else messages:
+            if message:
+                failures.append(message)
             done += 1
             if progress:
                 progress(done, len(paths))
-    else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # no forking of a process that holds torch threads
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-            futures = {pool.submit(prepare_case, p, cache, tuple(modalities), norm.to_dict()): p for p in todo}
-            for future in as_completed(futures):
-                try:
-                    future.result()
-                except NapariUnetError as err:
-                    failures.append(str(err))
-                done += 1
-                if progress:
-                    progress(done, len(paths))
-                if cancel is not None and cancel():
-                    for f in futures:
-                        f.cancel()
-                    break
+            if cancel is not None and done < len(paths) and cancel():
+                cancelled = True
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+                break
     if log:
         for message in failures:
             log(f"skipped: {message}")
-    if cancel is not None and cancel() and done < len(paths):
+    if cancelled:
         from napari_unet.predict import Cancelled
 
         raise Cancelled(f"cancelled after {done} of {len(paths)} case(s); the cached ones are kept, run again to go on")
@@ -290,14 +290,6 @@ class CachedCase:
     record: dict
     trusted: np.ndarray  # crop-relative axial indices whose labels are trusted
     tumour_slices: np.ndarray
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.record["shape"])
-
-    @property
-    def channels(self) -> int:
-        return len(self.record["lows"])
 
     def read_slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
         """(image (C, H, W) float32, labels (H, W) uint8) of crop slice z."""

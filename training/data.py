@@ -13,7 +13,6 @@ Tools other than napari (ITK-SNAP, 3D Slicer) can write the same store.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from napari_unet import NapariUnetError
 from napari_unet.cases import Case, find_cases, read_case
 from napari_unet.modelfile import check_modalities
 from napari_unet.preprocess import Normalisation, prepare
+from napari_unet.store import read_corrections
 
 
 @dataclass
@@ -41,10 +41,6 @@ class TrainCase:
     def tumour_slices(self) -> np.ndarray:
         has = self.labels[self.trusted].reshape(len(self.trusted), -1).any(axis=1)
         return self.trusted[has]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.labels.shape
 
     def read_slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
         return self.image[:, z].astype(np.float32), self.labels[z]
@@ -94,26 +90,6 @@ def load_root(root, modalities, norm: Normalisation, progress: Callable | None =
     return [train_case(read_case(p), modalities, norm) for p in _progress_iter(cases, progress)]
 
 
-def read_corrections(case_dir: Path, n_axial: int) -> list[int] | None:
-    """The reviewed file-axial indices of a store case (None: no corrections.json)."""
-    from napari_unet.session import corrections_path
-
-    path = corrections_path(case_dir)
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NapariUnetError(f"{path}: not valid JSON ({err})") from None
-    slices = data.get("reviewed_slices") if isinstance(data, dict) else None
-    if not isinstance(slices, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in slices):
-        raise NapariUnetError(f'{path}: expected {{"reviewed_slices": [axial indices as integers]}}')
-    bad = [s for s in slices if not 0 <= s < n_axial]
-    if bad:
-        raise NapariUnetError(f"{path}: reviewed slices {bad[:5]} are outside the volume (0..{n_axial - 1})")
-    return slices
-
-
 def load_store(store, modalities, norm: Normalisation, progress: Callable | None = None) -> list[TrainCase]:
     """The reviewed slices of every case in a corrections store."""
     store = Path(store)
@@ -150,7 +126,7 @@ class PatchDataset:
     patches whatever the number of DataLoader workers, and a resumed run goes on with the
     patches an uninterrupted one would have drawn. Half the patches (by default) centre on
     tumour. Sources are in-memory `TrainCase`s or on-disk `CachedCase`s: anything with
-    `trusted`, `tumour_slices`, `shape` and `read_slice(z) -> (image, labels)`.
+    `trusted`, `tumour_slices` and `read_slice(z) -> (image, labels)`.
 
     With `replay`, the last `replay_per_batch` patches of every batch of `batch_size` come from
     the replay sources instead (fine-tuning mixes in earlier knowledge that way).
@@ -166,10 +142,6 @@ class PatchDataset:
         self.patch, self.tumour_fraction, self.seed, self.rank = patch, tumour_fraction, seed, rank
         self.replay_per_batch = replay_per_batch if len(self.groups) > 1 else 0
         self.batch_size = batch_size
-
-    @property
-    def n_slices(self) -> int:
-        return self.groups[0].n_slices
 
     def __len__(self) -> int:
         return 2**62
@@ -212,7 +184,6 @@ class _SourceGroup:
         if not weights.sum():
             raise NapariUnetError("no trusted slices to learn from")
         self.case_p = weights / weights.sum()
-        self.n_slices = int(weights.sum())
 
 
 def crop_patch(image: np.ndarray, labels: np.ndarray, centre: tuple[int, int], p: int):

@@ -184,15 +184,6 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
         torch.save(payload, tmp)
 
 
-def _plain(obj):
-    """numpy's generator state as plain Python data (loadable with weights_only=True)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    return obj
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -237,7 +228,7 @@ def run(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step, history = 0, []
-    best_val, best_step = -math.inf, None
+    best = None  # {"step": N, "dice": {region: Dice}} of the weights the model file holds
     ckpt = _checkpoint_path(out) if (out is not None and (checkpoints or resume)) else None
     if resume:
         if ckpt is None or not ckpt.exists():
@@ -246,7 +237,7 @@ def run(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
-        best_val, best_step = state.get("best_val", best_val), state.get("best_step")
+        best = state.get("best")
         gen.set_state(state["torch_rng"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -258,7 +249,7 @@ def run(
             _save_checkpoint(ckpt, {
                 "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "torch_rng": gen.get_state(), "scaler": scaler.state_dict(),
-                "history": history, "settings": asdict(s), "best_val": best_val, "best_step": best_step,
+                "history": history, "settings": asdict(s), "best": best,
             })
 
     def finished_metadata(val: dict | None) -> dict:
@@ -276,17 +267,17 @@ def run(
 
     def validate_and_keep_best() -> dict:
         """Validation Dice now; the model file holds the best weights seen so far."""
-        nonlocal best_val, best_step
+        nonlocal best
         val = validate(model, metadata, list(val_cases), device)
-        if out is not None and float(np.mean(list(val.values()))) > best_val:
-            best_val, best_step = float(np.mean(list(val.values()))), step
+        if out is not None and (best is None or np.mean(list(val.values())) > np.mean(list(best["dice"].values()))):
+            best = {"step": step, "dice": val}
             meta = finished_metadata(val)
             meta["training"]["selected"] = f"best validation Dice, at step {step}"
             save_model(model, meta, out)
         return val
 
     ema, stopped_early = None, False
-    best, since_best = math.inf, 0
+    lowest_ema, since_lowest = math.inf, 0
     net.train()
     if s.freeze_batchnorm:
         for m in model.modules():
@@ -320,10 +311,10 @@ def run(
         ema = value if ema is None else 0.9 * ema + 0.1 * value
         record = {"step": step, "loss": round(value, 5)}
         if s.early_stop_patience and step > s.warmup + 10:  # the first losses say little
-            if ema < best * 0.99:
-                best, since_best = ema, 0
+            if ema < lowest_ema * 0.99:
+                lowest_ema, since_lowest = ema, 0
             else:
-                since_best += 1
+                since_lowest += 1
         if master and s.val_every and step % s.val_every == 0 and val_cases:
             record["val_dice"] = validate_and_keep_best()
             if log:
@@ -333,7 +324,7 @@ def run(
             progress(step, s.steps, loss=round(ema, 4), **{k: round(v, 3) for k, v in record.get("val_dice", {}).items()})
         if s.checkpoint_every and step % s.checkpoint_every == 0:
             save_checkpoint()
-        if s.early_stop_patience and since_best >= s.early_stop_patience:
+        if s.early_stop_patience and since_lowest >= s.early_stop_patience:
             stopped_early = True
             break
     del batches
@@ -346,10 +337,10 @@ def run(
         final_val = last or validate_and_keep_best()
     meta = finished_metadata(final_val)
     if master and out is not None:
-        if best_step is not None:  # the model file already holds the best validated weights
+        if best is not None:  # the model file already holds the best validated weights
             written = out
-            meta["training"]["selected"] = f"best validation Dice, at step {best_step}"
-            meta["training"]["validation_dice"] = load_model(out).metadata["training"]["validation_dice"]
+            meta["training"]["selected"] = f"best validation Dice, at step {best['step']}"
+            meta["training"]["validation_dice"] = {k: round(v, 4) for k, v in best["dice"].items()}
         else:
             written = save_model(model, meta, out)
         save_checkpoint()
