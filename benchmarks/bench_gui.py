@@ -32,7 +32,7 @@ def main() -> None:
     viewer = napari.Viewer(show=True)
     widget = AnnotationWidget(viewer)
     viewer.window.add_dock_widget(widget)
-    widget.store_edit.setText(str(tmp / "store"))
+    widget.set_store(tmp / "store")
     viewer.open(case_path, plugin="napari-unet")
     app = QApplication.instance()
 
@@ -49,7 +49,7 @@ def main() -> None:
     timer.setInterval(int(interval * 1000))
     timer.timeout.connect(tick)
 
-    def measure(start_work, label, busy=lambda: widget._worker is not None):
+    def measure(start_work, label, busy=lambda: widget.busy):
         lateness.clear()
         last[0] = time.perf_counter()
         timer.start()
@@ -67,7 +67,7 @@ def main() -> None:
 
     print(f"{'work':<34}{'time':>10}")
     # Opening a case starts loading torch and the model in the background (once per session).
-    opening = measure(lambda: None, "after opening: background load", busy=lambda: not widget._warming.done())
+    opening = measure(lambda: None, "after opening: background load")
     worst = [measure(lambda: widget.propose(), "propose whole volume (first)")]
     worst.append(measure(lambda: widget.propose(), "propose whole volume (again)"))
     worst.append(measure(lambda: widget.propose(current_slice=True), "propose this slice"))
@@ -82,8 +82,9 @@ def main() -> None:
     worst.append(measure(lambda: widget.finetune(), "fine-tune on 10 slices + re-propose"))
 
     # Worker thread against main thread, same call.
-    predictor = widget._predictor
-    volume = widget._prepared
+    session = widget.session
+    predictor = session.predictor("auto")
+    volume = predictor.prepare(np.stack([session.images[m] for m in predictor.modalities]))
     main_s = statistics.median([seconds(lambda: predictor.predict(volume)) for _ in range(3)])
     import threading
 

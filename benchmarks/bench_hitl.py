@@ -32,7 +32,7 @@ from napari_unet.modelfile import make_metadata
 from napari_unet.preprocess import Normalisation
 from napari_unet.unet import UNet
 from training.data import load_store
-from training.loop import FINETUNE_DEFAULTS, Settings, finetune, run
+from training.loop import Settings, run
 
 
 def held_out_dice(model_path, cases) -> dict[str, float]:
@@ -41,19 +41,19 @@ def held_out_dice(model_path, cases) -> dict[str, float]:
     return {r: float(np.mean([s[r]["dice"] for s in scores])) for r in ("WT", "TC", "ET")}
 
 
-def worst_slices(model_path, cases, sessions, annotations, k: int) -> list[tuple[int, int]]:
+def worst_slices(sessions, cases, annotations, k: int) -> list[tuple[int, int]]:
     """(case index, slice) of the k unreviewed slices with the lowest whole-tumour Dice.
 
-    Also refreshes `annotations` as the annotator sees them: the new proposal on every
-    slice not yet reviewed.
+    Also refreshes `annotations` as the annotator sees them, through the session's own
+    proposal merge: the new proposal on every slice not yet reviewed.
     """
-    predictor = Predictor(load_model(model_path), "cpu")
     candidates = []
-    for i, case in enumerate(cases):
-        pred = predictor.predict_case(case).labels
-        annotations[i] = sessions[i].merge_proposal(annotations[i], pred)
+    for i, (session, case) in enumerate(zip(sessions, cases)):
+        prediction, _ = session.predict(device="cpu")
+        session.merge_proposal(annotations[i], prediction)
+        pred = prediction.labels
         for z in np.flatnonzero((pred > 0).any(axis=(1, 2)) | (case.labels > 0).any(axis=(1, 2))):
-            if z in sessions[i].reviewed:
+            if z in session.reviewed:
                 continue
             d = dice(pred[z] > 0, case.labels[z] > 0)
             errors = int(((pred[z] > 0) != (case.labels[z] > 0)).sum())
@@ -80,8 +80,8 @@ def main() -> None:
         held = [read_case(p) for p in write_dataset(work / "held", args.held_out, seed=200, shift=args.shift)]
         store = work / "store"
         cases = [read_case(p) for p in pool]
-        sessions = [AnnotationSession(c.source, store) for c in cases]
-        annotations = [np.zeros_like(c.labels) for c in cases]
+        sessions = [AnnotationSession(c.source, c.images, store, model=args.model) for c in cases]
+        annotations = [s.open_labels() for s in sessions]
         current = Path(args.model)
         rows = [{"round": 0, "slices": 0, "finetune_s": 0.0, "dice": held_out_dice(current, held), "scratch": None}]
         print(f"{'round':>5} {'slices':>6} {'fine-tune s':>11} {'WT':>7} {'TC':>7} {'ET':>7}   "
@@ -96,16 +96,18 @@ def main() -> None:
         show(rows[0])
         for r in range(1, args.rounds + 1):
             # The annotator corrects the worst slices: the truth goes into those slices.
-            for i, z in worst_slices(current, cases, sessions, annotations, args.slices):
-                sessions[i].record_edits([z])
+            for i, z in worst_slices(sessions, cases, annotations, args.slices):
                 annotations[i][z] = cases[i].labels[z]
-            for session, case, labels in zip(sessions, cases, annotations):
+            for session, labels in zip(sessions, annotations):
+                session.collect_edits(labels)
                 if session.reviewed:
-                    session.save(labels, case)
-            out = work / f"round{r}.safetensors"
+                    session.save(session.snapshot(labels))
             start = time.perf_counter()
-            finetune(store, current, out, settings=Settings(**{**FINETUNE_DEFAULTS, "device": "cpu"}))
+            reviewing = next(s for s in sessions if s.reviewed)
+            out = reviewing.finetune(device="cpu").path  # the widget's fine-tune: FINETUNE_DEFAULTS
             seconds = time.perf_counter() - start
+            for session in sessions:
+                session.set_model(out)
             scratch_path = work / f"scratch{r}.safetensors"
             # The same architecture from scratch on the same reviewed slices (and nothing else).
             base = load_model(args.model)

@@ -13,13 +13,23 @@ def _claims(path: Path) -> bool:
     if path.is_file():
         return is_nifti(path)
     if path.is_dir():
-        entries = list(path.iterdir())
+        try:
+            entries = list(path.iterdir())
+        except OSError:
+            return True  # so the user hears why from us
         if not entries:
             return True  # so the user hears "empty folder" from us, not "no reader"
         return any(is_nifti(p) for p in entries) or any(
-            p.is_dir() and any(is_nifti(q) for q in p.iterdir()) for p in entries
+            p.is_dir() and any(is_nifti(q) for q in _entries(p)) for p in entries
         ) or (path / "imagesTr").is_dir()
     return False
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def get_reader(path):
@@ -44,7 +54,13 @@ def read_case_layers(path):
                 f"{path}: this folder holds {len(cases)} cases; open one of them "
                 f"(e.g. {Path(cases[0]).name})"
             )
-        return case_layer_data(read_case(cases[0]))
+        case = read_case(cases[0])
+        if case.warnings:
+            from napari.utils.notifications import show_warning
+
+            for warning in case.warnings:
+                show_warning(warning)
+        return case_layer_data(case)
     except NapariUnetError as err:
         from napari.utils.notifications import show_error
 

@@ -44,7 +44,8 @@ MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
 
-def _stem(path: Path) -> str:
+def case_id_of(path: Path) -> str:
+    """A NIfTI file's name without its extension."""
     return _NIFTI.sub("", path.name)
 
 
@@ -96,6 +97,16 @@ class CaseSource:
         transform = ornt_mod.ornt_transform(ornt_mod.axcodes2ornt(DISPLAY_AXCODES), self._file_ornt())
         return np.ascontiguousarray(ornt_mod.apply_orientation(array, transform))
 
+    def display_affine(self) -> np.ndarray:
+        """Display voxel index -> world position (mm)."""
+        transform = ornt_mod.ornt_transform(self._file_ornt(), ornt_mod.axcodes2ornt(DISPLAY_AXCODES))
+        return np.asarray(self.affine) @ ornt_mod.inv_ornt_aff(transform, self.shape)
+
+    @property
+    def axial_size(self) -> int:
+        """Slices along the axial axis (the file axis nearest to superior-inferior)."""
+        return int(self.shape[_axial_file_axis(self._file_ornt())])
+
     def axial_to_file_index(self, display_index: int) -> int:
         """The file's voxel index along its axial axis for a display axial index."""
         ornt = self._file_ornt()
@@ -123,6 +134,7 @@ class Case:
     images: dict[str, np.ndarray]
     labels: np.ndarray | None
     source: CaseSource
+    warnings: list[str] = field(default_factory=list)  # shown to the user; the case is still usable
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -165,12 +177,15 @@ def _match_suffix(stem: str, suffix: str) -> bool:
 
 
 def _find_in_folder(folder: Path) -> CaseFiles:
-    files = _nifti_files(folder)
+    try:
+        files = _nifti_files(folder)
+    except OSError as err:
+        raise NapariUnetError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
     if not files:
         others = [p.name for p in folder.iterdir()] if folder.exists() else []
         hint = f" (it holds {', '.join(sorted(others)[:5])})" if others else " (it is empty)"
         raise NapariUnetError(f"{folder}: no NIfTI files (.nii or .nii.gz) found{hint}")
-    stems = {p: _stem(p) for p in files}
+    stems = {p: case_id_of(p) for p in files}
     layout = None
     if any(_match_suffix(s, "-t1n") or _match_suffix(s, "-t2f") for s in stems.values()):
         layout = "brats2023"
@@ -213,7 +228,7 @@ def find_case(path: str | os.PathLike) -> CaseFiles:
         return _find_in_folder(path)
     if not is_nifti(path):
         raise NapariUnetError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
-    stem = _stem(path)
+    stem = case_id_of(path)
     # A Decathlon image: 4D, in imagesTr/imagesTs, or named like BRATS_001.
     if path.parent.name in ("imagesTr", "imagesTs") or re.fullmatch(r"BRATS_\d+", stem):
         return CaseFiles("msd", stem, path, {m: path for m in MSD_CHANNELS}, _msd_label_for(path))
@@ -254,6 +269,14 @@ def _subfolders(path: Path) -> list[Path]:
         raise NapariUnetError(f"{path}: cannot list the folder ({err.strerror or err})") from None
 
 
+def _listable(folder: Path) -> bool:
+    try:
+        next(iter(folder.iterdir()), None)
+        return True
+    except OSError:
+        return False
+
+
 def _cases_below(path: Path, depth: int) -> list[Path]:
     if (path / "imagesTr").is_dir():
         path = path / "imagesTr"
@@ -261,12 +284,12 @@ def _cases_below(path: Path, depth: int) -> list[Path]:
         files = _nifti_files(path)
     except OSError as err:
         raise NapariUnetError(f"{path}: cannot list the folder ({err.strerror or err})") from None
-    if files and (path.name in ("imagesTr", "imagesTs") or all(re.fullmatch(r"BRATS_\d+", _stem(p)) for p in files)):
+    if files and (path.name in ("imagesTr", "imagesTs") or all(re.fullmatch(r"BRATS_\d+", case_id_of(p)) for p in files)):
         return files
     if files:
         return [path]
     subfolders = _subfolders(path)
-    cases = [p for p in subfolders if _nifti_files(p)]
+    cases = [p for p in subfolders if _listable(p) and _nifti_files(p)]
     if cases or depth <= 0:
         return cases
     return [case for sub in subfolders for case in _cases_below(sub, depth - 1)]
@@ -275,21 +298,68 @@ def _cases_below(path: Path, depth: int) -> list[Path]:
 # --------------------------------------------------------------------------- reading
 
 
-def _load(path: Path, kind: str = "image") -> tuple[np.ndarray, nib.Nifti1Image]:
+# Far beyond any MRI volume (BraTS: 9 million voxels); a header declaring more is damaged.
+MAX_VOXELS = 2**30
+
+
+def _load(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Load a NIfTI file fully, turning every failure into a message naming the file."""
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError:
         raise NapariUnetError(f"{path}: not a NIfTI file") from None
-    except (OSError, EOFError, zlib.error, ValueError) as err:
-        raise NapariUnetError(f"{path}: cannot be read ({err})") from None
+    except PermissionError:
+        raise NapariUnetError(f"{path}: permission denied") from None
+    except Exception as err:  # noqa: BLE001  (a damaged header fails in many ways inside nibabel)
+        raise NapariUnetError(f"{path}: cannot be read: its header is damaged ({type(err).__name__}: {err})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise NapariUnetError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    shape = tuple(int(n) for n in img.shape)
+    if any(n <= 0 for n in shape) or int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+        raise NapariUnetError(f"{path}: its header declares {' x '.join(map(str, shape))} voxels, "
+                              "which is no MRI volume (the header is damaged)")
+    _check_affine(img, path)
     try:
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError) as err:
-        raise NapariUnetError(f"{path}: the file is damaged or truncated ({err})") from None
+    except MemoryError:
+        raise NapariUnetError(f"{path}: not enough memory to read {' x '.join(map(str, shape))} voxels") from None
+    except Exception as err:  # noqa: BLE001
+        raise NapariUnetError(f"{path}: the file is damaged or truncated ({type(err).__name__}: {err})") from None
     return data, img
+
+
+def _check_affine(img, path: Path) -> None:
+    try:
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as err:  # noqa: BLE001
+        raise NapariUnetError(f"{path}: its voxel-to-world transform cannot be read ({err})") from None
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise NapariUnetError(f"{path}: its voxel-to-world transform (sform/qform) holds NaN or infinite values")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise NapariUnetError(f"{path}: its voxel-to-world transform (sform/qform) is singular: "
+                              "the voxels have no position or size")
+    try:
+        ornt_mod.ornt_transform(ornt_mod.io_orientation(affine), ornt_mod.axcodes2ornt(DISPLAY_AXCODES))
+    except ValueError:
+        raise NapariUnetError(f"{path}: its voxel-to-world transform (sform/qform) does not give each voxel "
+                              "axis its own head axis (the header is damaged)") from None
+
+
+def _check_values(data: np.ndarray, path: Path) -> None:
+    if data.dtype.kind in "fc":
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise NapariUnetError(f"{path}: {bad} voxel(s) are NaN or infinite; fix or mask them before opening")
+
+
+def background_warning(images: dict[str, np.ndarray], path) -> str | None:
+    """A warning when the background is not 0, which the brain finding relies on for now."""
+    for modality, image in images.items():
+        sample = image[::4, ::4, ::4]  # a subsample: the background is most of the volume
+        if np.count_nonzero(sample == 0) < 0.05 * sample.size:
+            return (f"{path}: the {modality.upper()} background is not 0 (z-scored or shifted intensities?); "
+                    "the brain is taken to be the non-zero voxels, so proposals will be poor")
+    return None
 
 
 def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
@@ -315,7 +385,8 @@ def _same_geometry(ref_img, ref_path: Path, img, path: Path, shape) -> None:
 
 
 def _spacing_display(img, transform) -> list[float]:
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    # From the affine, which positions the voxels, not pixdim, which some writers leave at 0.
+    zooms = np.sqrt((np.asarray(img.affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
     out = np.empty(3)
     for src_axis, (dst_axis, _flip) in enumerate(transform):
         out[int(dst_axis)] = zooms[src_axis]
@@ -363,12 +434,14 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
                 f"{files.path}: a Decathlon BraTS image must be 4D with {len(MSD_CHANNELS)} channels "
                 f"({', '.join(MSD_CHANNELS)}), found shape {tuple(data.shape)}"
             )
+        _check_values(data, files.path)
         for channel, modality in enumerate(MSD_CHANNELS):
             raw[modality] = data[..., channel]
     else:
         for modality, file in files.images.items():
             data, img = _load(file)
             data = _check_3d(data, file)
+            _check_values(data, file)
             if ref_img is None:
                 ref_img, ref_path = img, file
             else:
@@ -397,7 +470,8 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
     labels = None
     if seg_raw is not None:
         labels = source.to_display(to_canonical(seg_raw, source.convention, str(files.seg)))
-    return Case(files.case_id, images, labels, source)
+    warning = background_warning(images, files.path)
+    return Case(files.case_id, images, labels, source, [warning] if warning else [])
 
 
 # --------------------------------------------------------------------------- writing
@@ -490,7 +564,7 @@ def write_case_files(
 
 def guess_convention(path: Path, values: np.ndarray | None = None) -> str:
     """The label convention of a bare label file, from the case naming or else its values."""
-    stem = _stem(path)
+    stem = case_id_of(path)
     parent = path.parent.name
     if stem.startswith(("BraTS-", "BraTS2023")) or parent.startswith("BraTS-"):
         return "brats2023"
@@ -515,5 +589,5 @@ def read_labels(path: str | os.PathLike, convention: str | None = None) -> tuple
     data = _check_3d(data, path)
     convention = convention or guess_convention(path, data)
     layout = {"canonical": "single"}.get(convention, convention)
-    source = make_source(layout, _stem(path), path, img, label_dtype=str(np.dtype(img.get_data_dtype())))
+    source = make_source(layout, case_id_of(path), path, img, label_dtype=str(np.dtype(img.get_data_dtype())))
     return source.to_display(to_canonical(data, convention, str(path))), source

@@ -29,6 +29,71 @@ def progress_bar(desc: str, unit: str = "it"):
         bar.close()
 
 
+def _whole(low: int):
+    """An argparse type: a whole number >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text) if text.replace(".", "", 1).isdigit() else -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to below 1, not {text}")
+    return value
+
+
+def _output_file(path, what: str = "output"):
+    """The file a command will write: not a folder, in a folder it can write into."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise NapariUnetError(f"{path}: is a folder; the {what} must be a file name")
+    existing = next(p for p in path.parents if p.exists())  # made when the file is written
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise NapariUnetError(f"{path}: no permission to write the {what} there ({existing})")
+    return path
+
+
+def _output_folder(path):
+    import os
+    from pathlib import Path
+
+    from napari_unet.atomic import remove_stale_partials
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NapariUnetError(f"{path}: is a file; --out must be a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # made when the first file is written
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise NapariUnetError(f"{path}: no permission to write there ({existing})")
+    remove_stale_partials(path)  # left by a run that was killed while writing
+    return path
+
+
+def _wrote(path, existed: bool) -> str:
+    return f"wrote {path}" + (" (replacing the file that was there)" if existed else "")
+
+
 def _cmd_synth(args) -> int:
     from napari_unet.synth import write_dataset
 
@@ -48,8 +113,6 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from pathlib import Path
-
     from napari_unet.cases import find_cases, read_case, write_labels
     from napari_unet.modelfile import load_model
     from napari_unet.predict import Predictor
@@ -58,13 +121,15 @@ def _cmd_predict(args) -> int:
     predictor = Predictor(loaded, args.device, tta=args.tta, batch_size=args.batch_size, precision=args.precision)
     binary = loaded.metadata["task"] == "binary"
     cases = [c for path in args.cases for c in find_cases(path)]
-    out = Path(args.out)
+    out = _output_folder(args.out)
     failures = []
     print(f"{len(cases)} case(s), model {loaded.path.name}, device {predictor.device}, {predictor.precision}",
           file=sys.stderr)
     for path in cases:
         try:
             case = read_case(path, with_labels=False)
+            for warning in case.warnings:
+                print(f"napari-unet predict: warning: {warning}", file=sys.stderr)
             with progress_bar(case.case_id, "slice") as update:
                 prediction = predictor.predict_case(case, progress=update)
             target = write_labels(prediction.labels, case.source, out / f"{case.case_id}.nii.gz", canonical=not binary)
@@ -86,11 +151,12 @@ def _cmd_evaluate(args) -> int:
     from napari_unet.atomic import write_text
     from napari_unet.evaluation import evaluate, format_table
 
+    json_out = _output_file(args.json, "--json file") if args.json else None
     with progress_bar("evaluating", "case") as update:
         result = evaluate(args.pred, args.truth, progress=update)
     print(format_table(result))
-    if args.json:
-        write_text(args.json, json.dumps(result, indent=2))
+    if json_out:
+        write_text(json_out, json.dumps(result, indent=2))
     return 0
 
 
@@ -122,8 +188,13 @@ def _cmd_train(args) -> int:
 
     if not args.data and not args.cache:
         raise NapariUnetError("give the data to train on, or a prepared --cache")
+    out = _output_file(args.out, "model file")
+    existed = out.exists() and not args.resume
     _, rank, _, _ = ddp_info()
-    config = UNetConfig(base_channels=args.base_channels, depth=args.depth, padding=args.padding, norm=args.norm)
+    try:
+        config = UNetConfig(base_channels=args.base_channels, depth=args.depth, padding=args.padding, norm=args.norm)
+    except ValueError as err:
+        raise NapariUnetError(f"the network asked for: {err}") from None
     settings = _settings(args, {"checkpoint_every": 100})
     if args.epochs is not None:  # an epoch is --steps-per-epoch steps, validated at its end
         settings.steps = args.epochs * args.steps_per_epoch
@@ -139,7 +210,7 @@ def _cmd_train(args) -> int:
             log=(lambda msg: print(msg, file=sys.stderr)) if master else None,
         )
     if master:
-        print(f"wrote {result.path} after {result.steps} steps in {result.seconds:.0f} s; "
+        print(f"{_wrote(result.path, existed)} after {result.steps} steps in {result.seconds:.0f} s; "
               f"validation Dice {result.metadata['training'].get('validation_dice')}")
     return 0
 
@@ -166,6 +237,7 @@ def _cmd_prepare(args) -> int:
 def _cmd_finetune(args) -> int:
     from training.loop import FINETUNE_DEFAULTS, finetune
 
+    existed = _output_file(args.out, "model file").exists()
     with progress_bar("fine-tuning", "step") as update:
         result = finetune(
             args.store, args.model, args.out,
@@ -173,7 +245,7 @@ def _cmd_finetune(args) -> int:
             replay=args.replay, progress=update,
         )
     note = " (stopped early: no more improvement)" if result.stopped_early else ""
-    print(f"wrote {result.path} after {result.steps} steps in {result.seconds:.1f} s{note}")
+    print(f"{_wrote(result.path, existed)} after {result.steps} steps in {result.seconds:.1f} s{note}")
     return 0
 
 
@@ -183,6 +255,19 @@ def _cmd_annotate(args) -> int:
     return run_app(args.case, model=args.model, device=args.device)
 
 
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    """Options several commands share, defined once."""
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", help="model file (default: the model shipped with napari-unet)")
+    optimiser = argparse.ArgumentParser(add_help=False)
+    optimiser.add_argument("--batch-size", type=_whole(1))
+    optimiser.add_argument("--lr", type=_positive_float)
+    optimiser.add_argument("--seed", type=_whole(0))
+    return {"device": device, "model": model, "optimiser": optimiser}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-unet",
@@ -190,28 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"napari-unet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    shared = _parents()
 
     p = sub.add_parser("synth", help="write synthetic BraTS-like cases")
     p.add_argument("out", help="output folder")
-    p.add_argument("--cases", type=int, default=1, help="number of cases (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", type=_whole(1), default=1, help="number of cases (default 1)")
+    p.add_argument("--seed", type=_whole(0), default=0)
     p.add_argument("--layout", choices=["brats2020", "brats2021", "brats2023", "msd"], default="brats2021")
     p.add_argument(
         "--shift", type=float, default=0.0,
         help="scanner shift of the appearance, 0 (training look) to 1 (a different scanner)",
     )
-    p.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155), metavar=("X", "Y", "Z"),
+    p.add_argument("--shape", type=_whole(8), nargs=3, default=(240, 240, 155), metavar=("X", "Y", "Z"),
                    help="voxels per axis (default BraTS 240 240 155; smaller is a coarser grid)")
-    p.add_argument("--start", type=int, default=1, help="number of the first case")
+    p.add_argument("--start", type=_whole(0), default=1, help="number of the first case")
     p.set_defaults(run=_cmd_synth)
 
-    p = sub.add_parser("predict", help="propose tumour labels for cases")
+    p = sub.add_parser("predict", help="propose tumour labels for cases", parents=[shared["model"], shared["device"]])
     p.add_argument("cases", nargs="+", metavar="CASE", help="case folder or file (any layout), or a folder of cases")
     p.add_argument("--out", required=True, help="output folder: OUT/<case_id>.nii.gz")
-    p.add_argument("--model", help="model file (default: the model shipped with napari-unet)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower, a little better)")
-    p.add_argument("--batch-size", type=int, help="slices per batch (default: from a memory budget)")
+    p.add_argument("--batch-size", type=_whole(1), help="slices per batch (default: from a memory budget)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.set_defaults(run=_cmd_predict)
@@ -229,64 +313,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="preprocess BraTS roots once into a training cache (resumable)")
     p.add_argument("data", nargs="+", help="BraTS root folders (any layout; several are merged, each patient once)")
     p.add_argument("--cache", required=True, help="cache folder (made if missing; an interrupted run goes on)")
-    p.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
+    p.add_argument("--workers", type=_whole(1), help="processes (default: one per CPU core)")
     p.add_argument("--model", help="prepare for this model's modalities and normalisation (default: a new model's)")
     p.set_defaults(run=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train a model on BraTS roots (torchrun for several GPUs)")
+    p = sub.add_parser("train", help="train a model on BraTS roots (torchrun for several GPUs)",
+                       parents=[shared["optimiser"], shared["device"]])
     p.add_argument("data", nargs="*", help="BraTS root folders (any layout), every slice trusted; "
                                            "none: every case of the prepared --cache")
     p.add_argument("--cache", help="preprocessed cache folder (default: OUT.cache beside the model); "
                                    "made or completed first, see `prepare`")
-    p.add_argument("--prepare-workers", type=int, help="processes preparing the cache (default: one per core)")
-    p.add_argument("--workers", type=int, help="DataLoader processes making patches (default 0; 3 on a 4-core GPU box)")
+    p.add_argument("--prepare-workers", type=_whole(1), help="processes preparing the cache (default: one per core)")
+    p.add_argument("--workers", type=_whole(0),
+                   help="DataLoader processes making patches (default 0; 3 on a 4-core GPU box)")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 with loss scaling on GPUs before Ampere (T4), bf16 on newer ones, fp32 on the CPU")
     p.add_argument("--out", required=True, help="model file to write (.safetensors); a checkpoint goes beside it")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
-    length.add_argument("--epochs", type=int, help="epochs of --steps-per-epoch steps, validating after each")
-    p.add_argument("--steps-per-epoch", type=int, default=100)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of cases held out for validation")
-    p.add_argument("--val-every", type=int, help="steps between validations")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    length.add_argument("--steps", type=_whole(1), help="optimiser steps (default 1000)")
+    length.add_argument("--epochs", type=_whole(1), help="epochs of --steps-per-epoch steps, validating after each")
+    p.add_argument("--steps-per-epoch", type=_whole(1), default=100)
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of cases held out for validation")
+    p.add_argument("--val-every", type=_whole(0), help="steps between validations (0: never)")
+    p.add_argument("--checkpoint-every", type=_whole(1), help="steps between checkpoints (default 100)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--task", choices=["multiclass", "binary"], default="multiclass")
-    p.add_argument("--base-channels", type=int, default=16, help="width (the paper: 64)")
-    p.add_argument("--depth", type=int, default=4, help="number of poolings (the paper: 4)")
+    p.add_argument("--base-channels", type=_whole(1), default=16, help="width (the paper: 64)")
+    p.add_argument("--depth", type=_whole(1), default=4, help="number of poolings (the paper: 4)")
     p.add_argument("--padding", choices=["same", "valid"], default="same")
     p.add_argument("--norm", choices=["none", "batch", "instance"], default="batch")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--patch", type=int, help="training patch size in pixels (default 128)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--patch", type=_whole(16), help="training patch size in pixels (default 128)")
     p.set_defaults(run=_cmd_train)
 
-    p = sub.add_parser("finetune", help="fine-tune a model on the reviewed slices of a corrections store")
+    p = sub.add_parser("finetune", help="fine-tune a model on the reviewed slices of a corrections store",
+                       parents=[shared["optimiser"], shared["device"]])
     p.add_argument("store", help="corrections store: case folders with corrections.json")
     p.add_argument("--model", help="base model (default: the shipped model); never modified")
     p.add_argument("--out", required=True, help="the new model file")
-    p.add_argument("--steps", type=int, help="at most this many steps (default 60; stops early)")
+    p.add_argument("--steps", type=_whole(1), help="at most this many steps (default 60; stops early)")
     p.add_argument("--replay", help="a BraTS root mixed in so the model does not forget")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
     p.set_defaults(run=_cmd_finetune)
 
-    p = sub.add_parser("annotate", help="open napari with the annotation widget and a case")
-    p.add_argument("case", nargs="?", help="case folder or file (default: a synthetic case)")
-    p.add_argument("--model", help="model file (default: the shipped model)")
-    p.add_argument("--device", default="auto")
+    p = sub.add_parser("annotate", help="open napari with the annotation widget and a case",
+                       parents=[shared["model"], shared["device"]])
+    p.add_argument("case", nargs="?", help="case folder or file (default: the sample case)")
     p.set_defaults(run=_cmd_annotate)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
     return parser
-
-
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,21 +8,21 @@ from pathlib import Path
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.cases import _stem, find_case, find_cases, is_nifti, read_labels
+from napari_unet.cases import CaseSource, case_id_of, find_case, find_cases, is_nifti, read_labels
 from napari_unet.metrics import mean_scores, region_scores
 
 
 def _label_files(path: Path, side: str) -> dict[str, Path]:
     """case id -> label file, for a file, a case folder or a folder of either."""
     if path.is_file():
-        return {_stem(path): path}
+        return {case_id_of(path): path}
     if not path.is_dir():
         raise NapariUnetError(f"{path}: no such file or folder")
     flat = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
     if side == "pred" and flat:
-        return {_stem(p): p for p in flat}
+        return {case_id_of(p): p for p in flat}
     if (path / "labelsTr").is_dir():
-        return {_stem(p): p for p in sorted((path / "labelsTr").iterdir()) if is_nifti(p)}
+        return {case_id_of(p): p for p in sorted((path / "labelsTr").iterdir()) if is_nifti(p)}
     out = {}
     for case in find_cases(path):
         files = find_case(case)
@@ -48,14 +48,26 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, progress=None) -
         pairs = {cid: (preds[cid], truths[cid]) for cid in common}
     cases = {}
     for i, (cid, (p, t)) in enumerate(pairs.items()):
-        p_lab, _ = read_labels(p)
+        p_lab, p_src = read_labels(p)
         t_lab, t_src = read_labels(t)
         if p_lab.shape != t_lab.shape:
             raise NapariUnetError(f"{p}: shape {p_lab.shape} differs from the truth {t} {t_lab.shape}")
+        offset = _grid_offset_mm(p_src, t_src)
+        if offset > 0.5:
+            raise NapariUnetError(f"{p}: its voxels lie {offset:.1f} mm away from those of the truth {t}; "
+                                  "the prediction is not on the truth's grid")
         cases[cid] = region_scores(p_lab, t_lab, t_src.spacing)
         if progress:
             progress(i + 1, len(pairs))
     return {"cases": cases, "mean": mean_scores(cases)}
+
+
+def _grid_offset_mm(a: CaseSource, b: CaseSource) -> float:
+    """The largest distance between the world positions of the same display voxel in two label
+    files, over the corners of the volume."""
+    shape = a.to_display(np.empty(a.shape, np.uint8)).shape
+    corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    return float(np.abs((a.display_affine() - b.display_affine()) @ corners.T).max())
 
 
 def format_table(result: dict) -> str:
@@ -68,7 +80,3 @@ def format_table(result: dict) -> str:
     rows.append(f"{'mean':<28}" + "".join(
         f"{result['mean'][r]['dice']:>10.4f}{result['mean'][r]['hd95']:>10.2f}" for r in regions))
     return "\n".join(rows)
-
-
-def mean_dice(result: dict) -> dict[str, float]:
-    return {r: float(np.round(v["dice"], 4)) for r, v in result["mean"].items()}

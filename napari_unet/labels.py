@@ -52,11 +52,6 @@ LAYOUT_CONVENTION = {name: name for name in _CONVENTIONS}
 LAYOUT_CONVENTION["single"] = "canonical"
 
 
-def convention_values(convention: str) -> tuple[int, ...]:
-    """The label values a file of this convention may hold."""
-    return tuple(sorted(_CONVENTIONS[convention]))
-
-
 def _lookup(mapping: dict[int, int]) -> np.ndarray:
     table = np.zeros(max(mapping) + 1, dtype=np.uint8)
     for src, dst in mapping.items():
@@ -108,11 +103,3 @@ def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
 def napari_features() -> dict[str, list]:
     """The Labels layer's feature table: hovering a voxel shows its name."""
     return {"index": list(LABEL_NAMES), "name": list(LABEL_NAMES.values())}
-
-
-def napari_colormap():
-    """A napari DirectLabelColormap with the conventional colours (napari imported lazily)."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    colors = {None: (0, 0, 0, 0), BACKGROUND: (0, 0, 0, 0), **LABEL_COLORS}
-    return DirectLabelColormap(color_dict=colors)

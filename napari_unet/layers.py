@@ -30,14 +30,15 @@ def contrast_limits(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
-def labels_layer_kwargs(case_id: str, source: CaseSource, name: str | None = None) -> dict:
+def labels_layer_kwargs(case_id: str, source: CaseSource, name: str | None = None, role: str = "labels") -> dict:
+    """A Labels layer of the case: its reference segmentation ("labels") or the one annotated."""
     return {
         "name": name or f"{case_id} tumour",
         "scale": source.spacing,
         "features": napari_features(),
         "colormap": label_colormap(),
         "opacity": 0.5,
-        "metadata": {META_KEY: {"source": source.to_dict(), "role": "labels"}},
+        "metadata": {META_KEY: {"source": source.to_dict(), "role": role}},
     }
 
 

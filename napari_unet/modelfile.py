@@ -63,29 +63,90 @@ class LoadedModel:
         return tuple(self.metadata["modalities"])
 
 
-def _validate(metadata: dict, path: Path):
+# A model of the widest allowed configuration is a few GB; a file that unpacks to more is not one.
+MAX_UNPACKED_BYTES = 4 * 2**30
+_MODALITY_NAMES = ("t1", "t1ce", "t2", "flair", "image")
+
+
+def _validate(metadata, path: Path):
+    """Check the metadata against the format's schema and bounds before anything is built."""
     from napari_unet.unet import UNetConfig
+
+    def bad(what: str):
+        return NapariUnetError(f"{path}: invalid model metadata: {what}")
 
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise NapariUnetError(f"{path}: not a napari-unet model (no napari-unet metadata)")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise NapariUnetError(
-            f"{path}: made by a newer napari-unet (model format {metadata['format_version']}); upgrade napari-unet"
-        )
-    arch = dict(metadata.get("architecture", {}))
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad(f"format_version must be a whole number, not {version!r}")
+    if version > FORMAT_VERSION:
+        raise NapariUnetError(f"{path}: made by a newer napari-unet (model format {version}); upgrade napari-unet")
+    arch = metadata.get("architecture")
+    if not isinstance(arch, dict):
+        raise bad("'architecture' must be an object")
+    arch = dict(arch)
     if arch.pop("name", None) != "unet":
-        raise NapariUnetError(f"{path}: unknown architecture {metadata.get('architecture')}")
+        raise NapariUnetError(f"{path}: unknown architecture {str(metadata.get('architecture'))[:80]}")
     try:
         config = UNetConfig(**arch)
     except (TypeError, ValueError) as err:
-        raise NapariUnetError(f"{path}: invalid architecture in the metadata ({err})") from None
+        raise bad(f"architecture: {err}") from None
     task = metadata.get("task")
     if task not in TASKS or config.out_channels != TASKS[task]:
-        raise NapariUnetError(f"{path}: task {task!r} does not match {config.out_channels} output channels")
-    if len(metadata.get("modalities", [])) != config.in_channels:
-        raise NapariUnetError(f"{path}: {len(metadata.get('modalities', []))} modalities for "
-                              f"{config.in_channels} input channels")
+        raise NapariUnetError(f"{path}: task {str(task)[:40]!r} does not match {config.out_channels} output channels")
+    modalities = metadata.get("modalities")
+    if not isinstance(modalities, list) or not all(m in _MODALITY_NAMES for m in modalities) \
+            or len(set(modalities)) != len(modalities):
+        raise bad(f"'modalities' must list distinct names among {', '.join(_MODALITY_NAMES)}")
+    if len(modalities) != config.in_channels:
+        raise NapariUnetError(f"{path}: {len(modalities)} modalities for {config.in_channels} input channels")
+    if not isinstance(metadata.get("label_convention"), str):
+        raise bad("'label_convention' is missing")
+    if not isinstance(metadata.get("training", {}), dict):
+        raise bad("'training' must be an object")
+    norm = metadata.get("normalisation")
+    if not isinstance(norm, dict):
+        raise bad("'normalisation' must be an object")
+    from napari_unet.preprocess import Normalisation
+
+    try:
+        Normalisation.from_dict(norm)
+    except NapariUnetError as err:
+        raise bad(str(err)) from None
     return config
+
+
+def _parse_metadata(raw, path: Path) -> dict:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        raise NapariUnetError(f"{path}: its metadata is not valid JSON") from None
+    except (RecursionError, ValueError) as err:  # absurd nesting, 5000-digit numbers
+        raise NapariUnetError(f"{path}: its metadata is not a model's ({type(err).__name__})") from None
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise NapariUnetError(f"{path}: is a folder, not a model file")
+    if path.stat().st_size == 0:
+        raise NapariUnetError(f"{path}: the file is empty")
+
+
+def _check_unpacked_size(path: Path) -> None:
+    """A .pt file is a zip: refuse one that would unpack to more than any model needs."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # torch.load names what is wrong
+    if unpacked > MAX_UNPACKED_BYTES:
+        raise NapariUnetError(f"{path}: refused: it unpacks to {unpacked / 2**30:.1f} GB, more than any "
+                              "napari-unet model")
 
 
 def _build(metadata: dict, state: dict, path: Path) -> LoadedModel:
@@ -114,7 +175,9 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
                 "or pass --model FILE"
             )
         raise NapariUnetError(f"{path}: no such model file")
+    _check_file(path)
     if path.suffix in (".pt", ".pth", ".ckpt"):
+        _check_unpacked_size(path)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # any unpickling failure is a refusal, never a fallback
@@ -125,10 +188,9 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
             ) from None
         if not isinstance(payload, dict) or "state_dict" not in payload or "metadata" not in payload:
             raise NapariUnetError(f"{path}: not a napari-unet model (expected 'state_dict' and 'metadata')")
-        metadata = payload["metadata"]
-        if isinstance(metadata, str):
-            metadata = json.loads(metadata)
-        return _build(metadata, payload["state_dict"], path)
+        if not isinstance(payload["state_dict"], dict):
+            raise NapariUnetError(f"{path}: not a napari-unet model ('state_dict' is not a set of tensors)")
+        return _build(_parse_metadata(payload["metadata"], path), payload["state_dict"], path)
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -139,15 +201,7 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
         raise NapariUnetError(f"{path}: not a safetensors model file ({err})") from None
     if raw is None:
         raise NapariUnetError(f"{path}: not a napari-unet model (no napari-unet metadata)")
-    try:
-        metadata = json.loads(raw)
-    except json.JSONDecodeError:
-        raise NapariUnetError(f"{path}: its metadata is not valid JSON") from None
-    return _build(metadata, state, path)
-
-
-def read_metadata(path: str | os.PathLike | None = None) -> dict:
-    return load_model(path).metadata
+    return _build(_parse_metadata(raw, path), state, path)
 
 
 def save_model(model, metadata: dict, path: str | os.PathLike) -> Path:

@@ -93,16 +93,18 @@ class Prediction:
     uncertainty: np.ndarray | None  # (Z, Y, X) float32 in [0, 1], normalised entropy
     computed_slices: np.ndarray  # axial indices that went through the network
     seconds: float
+    # Uncertainty per axial slice: the sum of its voxels' (in [0, 1] each), a soft count of the
+    # voxels likely to be wrong, so that a slice with a large doubtful region ranks above one
+    # with a few doubtful edge voxels. NaN where nothing was computed; None without uncertainty.
+    slice_scores: np.ndarray | None = None
 
-    def slice_uncertainty(self) -> np.ndarray:
-        """Uncertainty per axial slice: the sum of its voxels' (in [0, 1] each), a soft count
-        of the voxels likely to be wrong, so that a slice with a large doubtful region ranks
-        above one with a few doubtful edge voxels. NaN where nothing was computed."""
-        scores = np.full(self.labels.shape[0], np.nan, np.float32)
-        if self.uncertainty is not None and self.computed_slices.size:
-            u = self.uncertainty[self.computed_slices]
-            scores[self.computed_slices] = u.reshape(len(u), -1).sum(axis=1)
-        return scores
+
+def _slice_scores(uncertainty: np.ndarray, computed: np.ndarray) -> np.ndarray:
+    scores = np.full(uncertainty.shape[0], np.nan, np.float32)
+    if computed.size:
+        u = uncertainty[computed]
+        scores[computed] = u.reshape(len(u), -1).sum(axis=1)
+    return scores
 
 
 class Predictor:
@@ -184,7 +186,8 @@ class Predictor:
         if progress:
             progress(0, total)
         if total == 0:
-            return Prediction(labels, uncertainty, todo, time.perf_counter() - start)
+            scores = None if uncertainty is None else _slice_scores(uncertainty, todo)
+            return Prediction(labels, uncertainty, todo, time.perf_counter() - start, scores)
 
         dev = self.device
         crop = torch.from_numpy(volume.crop).to(dev)  # once per case
@@ -212,9 +215,11 @@ class Predictor:
                     progress(min(first + batch, total), total)
         box_yx = volume.box[1:]
         labels[(todo,) + box_yx] = out_labels.cpu().numpy()  # one transfer back
+        scores = None
         if uncertainty is not None:
             uncertainty[(todo,) + box_yx] = out_unc.cpu().numpy()
-        return Prediction(labels, uncertainty, todo, time.perf_counter() - start)
+            scores = _slice_scores(uncertainty, todo)
+        return Prediction(labels, uncertainty, todo, time.perf_counter() - start, scores)
 
     # ------------------------------------------------------------------ internals
     def _probabilities(self, x):

@@ -1,7 +1,7 @@
 """Pre-processing shared by training and inference (its parameters live in the model file).
 
 z-score per modality inside the brain (the non-zero voxels of a skull-stripped case), zero
-outside; crop to the brain's bounding box (with a margin) and paste predictions back.
+outside; crop to the brain's bounding box (with a margin).
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ class Normalisation:
         known = {k: data[k] for k in ("method", "crop", "margin") if k in data}
         norm = cls(**known)
         if norm.method != "zscore-brain":
-            raise NapariUnetError(f"unknown normalisation method {norm.method!r}")
+            raise NapariUnetError(f"unknown normalisation method {str(norm.method)[:40]!r}")
+        if norm.crop != "brain-box":
+            raise NapariUnetError(f"unknown crop {str(norm.crop)[:40]!r}")
+        if not isinstance(norm.margin, int) or isinstance(norm.margin, bool) or not 0 <= norm.margin <= 64:
+            raise NapariUnetError(f"normalisation margin must be a whole number of voxels from 0 to 64, "
+                                  f"not {str(norm.margin)[:40]}")
         return norm
 
 
@@ -69,10 +74,3 @@ def prepare(stack: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, tuple[s
     crop = stack[(slice(None),) + box]
     crop_mask = mask[box]
     return zscore(crop, crop_mask), box, crop_mask
-
-
-def paste(crop: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...], fill=0) -> np.ndarray:
-    """Put a cropped prediction back into a volume of `shape`."""
-    out = np.full(shape, fill, dtype=crop.dtype)
-    out[box] = crop
-    return out

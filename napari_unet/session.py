@@ -1,151 +1,254 @@
-"""The state of one case's annotation, without Qt: reviewed slices, the corrections store.
+"""The annotation of one case, without Qt: the state and every decision that is not drawing.
 
-The widget keeps one `AnnotationSession` per open case and calls it for every decision that
-is not about drawing: which slices are protected from new proposals, which to review next,
-what goes into the corrections store and how it comes back when the case is opened again.
+An `AnnotationSession` owns what the annotator has done to one case (reviewed and edited
+slices, the slice ranking, which model made the proposals), the images needed to propose and to
+fill the corrections store, the predictor and the prepared volume it reuses, and the fine-tuned
+model it leads to. The labels array itself belongs to whoever shows it (napari's Labels layer,
+or a benchmark's array) and is passed in: the session diffs it against its own copy to find the
+slices a user edited, merges proposals into it, and snapshots it for saving.
 
-Store layout (the format `training.data.load_store` reads): the case in its own layout and
-label convention, plus `corrections.json` beside its files:
-
-    STORE/BraTS2021_00001/BraTS2021_00001_{t1,t1ce,t2,flair,seg}.nii.gz
-    STORE/BraTS2021_00001/corrections.json   {"reviewed_slices": [file axial indices], ...}
+The widget, the HITL benchmark and the tests all drive this one class.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
-import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.atomic import atomic_path, write_text
-from napari_unet.cases import Case, CaseSource, layout_paths, read_labels, write_case_files, write_labels
-from napari_unet.store import corrections_path
+from napari_unet import store as store_format
+from napari_unet.cases import CaseSource
+from napari_unet.labels import ENHANCING, LABEL_NAMES
+
+DEFAULT_MODEL = "default"
+# BraTS 2017-2021 files and napari's "new label" button both lead annotators to paint 4, which
+# is enhancing tumour in those files; canonical enhancing is 3.
+_BRATS_ENHANCING = 4
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+@dataclass
+class Snapshot:
+    """What one save writes, copied on the thread that owns the labels."""
+
+    labels: np.ndarray
+    corrections: store_format.Corrections
 
 
 class AnnotationSession:
-    """Reviewed slices (display axial indices) of one case and its place in a corrections store."""
+    """One case being annotated: its images, review state, store place, model and predictor."""
 
-    def __init__(self, source: CaseSource, store: str | os.PathLike):
+    def __init__(self, source: CaseSource, images: dict[str, np.ndarray], store: str | Path,
+                 model: str | Path | None = None):
         if source.layout == "single":
             raise NapariUnetError(
                 f"{source.path}: a single image cannot go into a corrections store; open the whole case folder"
             )
         self.source = source
+        self.images = dict(images)
         self.store = Path(store)
+        self.model_path: Path | None = Path(model) if model else None  # None: the shipped default
         self.reviewed: set[int] = set()
         self.edited: set[int] = set()
+        self.slice_scores: np.ndarray | None = None
+        self.proposal_model: str | None = None  # the model that made the labels' proposals
+        self._shadow: np.ndarray | None = None  # the labels as last seen, to find edits
+        self._predictor = self._predictor_key = None
+        self._prepared = self._prepared_key = None
+        self._lock = threading.Lock()  # the predictor is built on a worker thread
 
-    # ------------------------------------------------------------------ where things go
+    # ------------------------------------------------------------------ identity
     @property
     def case_id(self) -> str:
         return self.source.case_id
 
-    def paths(self) -> tuple[dict[str, Path], Path]:
-        return layout_paths(self.store, self.source.layout, self.case_id)
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(next(iter(self.images.values())).shape)
+
+    def owns(self, source: CaseSource | None) -> bool:
+        """Whether a layer made from `source` belongs to this case (same id and same files)."""
+        return source is not None and source.case_id == self.case_id and source.path == self.source.path
 
     @property
     def case_path(self) -> Path:
-        images, _ = self.paths()
-        first = next(iter(images.values()))
-        return first if self.source.layout == "msd" else first.parent
+        """The case's folder (or Decathlon file) inside the store."""
+        _, seg, record = store_format.case_location(self.store, self.source)
+        return record.parent if record.name == store_format.CORRECTIONS_FILE else seg
 
-    @property
-    def corrections_file(self) -> Path:
-        return corrections_path(self.case_path)
+    # ------------------------------------------------------------------ the labels
+    def open_labels(self) -> np.ndarray:
+        """The labels to start from: the store's if the case was saved there, else empty.
 
-    # ------------------------------------------------------------------ review state
-    def protected(self) -> set[int]:
-        """Slices a new proposal must not overwrite."""
-        return self.reviewed | self.edited
-
-    def mark_reviewed(self, z: int, reviewed: bool = True) -> None:
-        (self.reviewed.add if reviewed else self.reviewed.discard)(int(z))
-
-    def record_edits(self, slices) -> None:
-        for z in slices:
-            self.edited.add(int(z))
-            self.reviewed.add(int(z))  # an edited slice has been looked at
-
-    def unprotected(self, slices) -> np.ndarray:
-        """The slices among `slices` that a new proposal may overwrite."""
-        slices = np.asarray(slices, int)
-        return slices[~np.isin(slices, sorted(self.protected()))]
-
-    def merge_proposal(self, current: np.ndarray, proposal: np.ndarray, computed=None) -> np.ndarray:
-        """The current labels with the proposal on every unprotected (computed) slice."""
-        out = current.copy()
-        take = self.unprotected(np.arange(current.shape[0]) if computed is None else computed)
-        out[take] = proposal[take]
-        return out
-
-    def next_to_review(self, slice_scores: np.ndarray, after: int | None = None) -> int | None:
-        """The most uncertain slice not yet reviewed (NaN scores: no brain, never offered)."""
-        scores = np.asarray(slice_scores, float).copy()
-        scores[list(self.reviewed)] = np.nan
-        if np.all(np.isnan(scores)):
-            return None
-        return int(np.nanargmax(scores))
-
-    # ------------------------------------------------------------------ the store
-    def save(self, labels: np.ndarray, case: Case | None = None, *, model: str | None = None,
-             reviewed: set[int] | None = None, edited: set[int] | None = None) -> Path:
-        """Write the labels and corrections.json into the store (atomically, images once).
-
-        `reviewed` and `edited` default to the session's own (pass copies from another thread).
+        Also restores the review state and the model that made those labels.
         """
-        reviewed = self.reviewed if reviewed is None else reviewed
-        edited = self.edited if edited is None else edited
-        images, seg = self.paths()
-        missing = [p for p in dict.fromkeys(images.values()) if not p.exists()]
-        if missing:
-            self._store_images(images, case)
-        write_labels(labels, self.source, seg)
-        record = {
-            "reviewed_slices": sorted(self.source.axial_to_file_index(z) for z in reviewed),
-            "edited_slices": sorted(self.source.axial_to_file_index(z) for z in edited),
-            "axis": "third voxel axis of the NIfTI files",
-            "label_convention": self.source.convention,
-            "model": model,
-            "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_text(self.corrections_file, json.dumps(record, indent=1))
-        return self.case_path
-
-    def _store_images(self, images: dict[str, Path], case: Case | None) -> None:
-        files = self.source.files
-        if self.source.layout == "msd" and files.get("flair") and Path(files["flair"]).exists():
-            _copy_atomic(Path(files["flair"]), images["flair"])
-            return
-        if all(Path(files.get(m, "")).is_file() for m in images):
-            for modality, dst in images.items():
-                _copy_atomic(Path(files[modality]), dst)
-            return
-        if case is None:
-            raise NapariUnetError(f"{self.source.path}: the case's image files are gone; cannot fill the store")
-        # An in-memory case (the synthetic sample): write its images in its layout.
-        arrays = {m: self.source.to_file(v) for m, v in case.images.items()}
-        write_case_files(self.store, self.source.layout, self.case_id, arrays, None, np.asarray(self.source.affine),
-                         image_dtype=np.float32)
-
-    def restore(self) -> np.ndarray | None:
-        """Labels and reviewed slices saved earlier for this case (None if never saved)."""
-        _, seg = self.paths()
-        if not seg.exists():
-            return None
-        labels, _ = read_labels(seg, self.source.convention)
-        if self.corrections_file.exists():
-            data = json.loads(self.corrections_file.read_text())
-            self.reviewed = {self.source.file_to_axial_index(z) for z in data.get("reviewed_slices", [])}
-            self.edited = {self.source.file_to_axial_index(z) for z in data.get("edited_slices", [])}
+        saved = store_format.read(self.store, self.source)
+        if saved is None:
+            labels = np.zeros(self.shape, np.uint8)
+        else:
+            labels, corrections = saved
+            self.reviewed, self.edited = set(corrections.reviewed), set(corrections.edited)
+            self.proposal_model = corrections.model
+            if corrections.model not in (None, DEFAULT_MODEL) and Path(corrections.model).is_file():
+                self.model_path = Path(corrections.model)
+        self.track(labels)
         return labels
 
+    def track(self, labels: np.ndarray) -> None:
+        """Take `labels` as they are now as the reference for finding edits."""
+        self._shadow = np.array(labels, np.uint8, copy=True)
+
+    def collect_edits(self, labels: np.ndarray) -> tuple[list[int], str | None]:
+        """The slices the user changed since the last look, marked edited and reviewed.
+
+        Label values other than the three tissues are fixed in place: 4 (enhancing in BraTS
+        2017-2021 files) becomes 3, anything else is undone. Returns (slices, a note to show).
+        """
+        if self._shadow is None or self._shadow.shape != labels.shape:
+            self.track(labels)
+            return [], None
+        data = np.asarray(labels)
+        changed = np.flatnonzero((data != self._shadow).reshape(data.shape[0], -1).any(axis=1))
+        note = None
+        for z in changed:
+            foreign = data[z] > ENHANCING
+            if foreign.any():
+                brats_et = data[z] == _BRATS_ENHANCING
+                data[z][brats_et] = ENHANCING
+                other = foreign & ~brats_et
+                data[z][other] = self._shadow[z][other]
+                note = ("label 4 is enhancing tumour in BraTS files: painted as 3 (enhancing tumour)"
+                        if not other.any() else
+                        f"only labels 1-3 ({', '.join(LABEL_NAMES[v] for v in (1, 2, 3))}) are tumour: "
+                        "other values were undone")
+        for z in changed.tolist():
+            self.edited.add(z)
+            self.reviewed.add(z)  # an edited slice has been looked at
+        self._shadow[changed] = data[changed]
+        return changed.tolist(), note
+
+    def merge_proposal(self, labels: np.ndarray, prediction) -> list[int]:
+        """Write a prediction into `labels` (in place) on every computed slice not reviewed.
+
+        Returns the slices written. The slice ranking and the proposing model are updated.
+        """
+        computed = np.asarray(prediction.computed_slices, int)
+        take = computed[~np.isin(computed, sorted(self.reviewed))]
+        labels[take] = prediction.labels[take]
+        if self._shadow is not None:
+            self._shadow[take] = prediction.labels[take]
+        scores = prediction.slice_scores
+        if scores is not None:
+            if self.slice_scores is None or len(computed) > 1:
+                self.slice_scores = np.array(scores, np.float32)
+            else:
+                self.slice_scores[computed] = scores[computed]
+        self.proposal_model = self.model_name
+        return take.tolist()
+
+    # ------------------------------------------------------------------ review
+    def set_reviewed(self, z: int, reviewed: bool = True) -> None:
+        """Mark or unmark a slice; an unmarked slice takes the next proposal again."""
+        z = int(z)
+        if reviewed:
+            self.reviewed.add(z)
+        else:
+            self.reviewed.discard(z)
+            self.edited.discard(z)
+
+    def next_to_review(self, current: int | None = None) -> int | None:
+        """The unreviewed slice where the model is least sure; asked again from that slice,
+        the next one down the ranking. NaN scores (no brain) are never offered."""
+        if self.slice_scores is None:
+            return None
+        scores = np.asarray(self.slice_scores, float)
+        order = [int(z) for z in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+                 if not np.isnan(scores[z]) and int(z) not in self.reviewed]
+        if not order:
+            return None
+        if current is not None and int(current) in order:
+            i = order.index(int(current))
+            return order[(i + 1) % len(order)] if len(order) > 1 else order[0]
+        return order[0]
+
+    # ------------------------------------------------------------------ the store
+    def snapshot(self, labels: np.ndarray) -> Snapshot:
+        """A copy of everything a save writes (take it on the thread that owns `labels`)."""
+        return Snapshot(np.array(labels, np.uint8, copy=True),
+                        store_format.Corrections(set(self.reviewed), set(self.edited), self.proposal_model))
+
+    def save(self, snapshot: Snapshot) -> Path:
+        """Write a snapshot into the store (atomically); safe to call from a worker thread."""
+        return store_format.write(self.store, self.source, snapshot.labels, snapshot.corrections, self.images)
+
+    # ------------------------------------------------------------------ the model
+    @property
+    def model_name(self) -> str:
+        return str(self.model_path) if self.model_path else DEFAULT_MODEL
+
+    def set_model(self, path: str | Path | None) -> None:
+        self.model_path = Path(path) if path else None
+
+    def predictor(self, device: str = "auto", tta: bool = False):
+        """The current model on `device`, loaded once and reused while nothing changes."""
+        from napari_unet.modelfile import load_model
+        from napari_unet.predict import Predictor
+
+        key = (self.model_name, device, bool(tta))
+        with self._lock:
+            if self._predictor_key != key:
+                self._predictor = Predictor(load_model(self.model_path), device, tta=tta)
+                self._predictor_key = key
+            return self._predictor
+
+    def predict(self, slices: list[int] | None = None, *, device: str = "auto", tta: bool = False,
+                progress: Callable | None = None, cancel: Callable | None = None):
+        """Propose labels for the whole case or `slices`; returns (Prediction, warning or None).
+
+        Out of GPU memory, it carries on on the CPU and says so.
+        """
+        from napari_unet.modelfile import check_modalities
+        from napari_unet.predict import resolve_device
+
+        predictor = self.predictor(device, tta)
+        check_modalities(predictor.metadata, list(self.images), self.source.path or self.case_id)
+        key = predictor.modalities
+        if self._prepared_key != key:
+            self._prepared = predictor.prepare(np.stack([np.asarray(self.images[m], np.float32) for m in key]))
+            self._prepared_key = key
+        kwargs = dict(slices=slices, with_uncertainty=True, progress=progress, cancel=cancel)
+        try:
+            return predictor.predict(self._prepared, **kwargs), None
+        except RuntimeError as err:
+            if "out of memory" not in str(err).lower() or resolve_device(device).type == "cpu":
+                raise
+            prediction = self.predictor("cpu", tta).predict(self._prepared, **kwargs)
+            return prediction, "GPU out of memory: ran on the CPU"
+
+    def finetuned_model_path(self) -> Path:
+        """Where the next fine-tuned model goes: beside the store, named by the time."""
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        folder = self.store.parent / f"{self.store.name}-models"
+        path = folder / f"finetuned-{stamp}.safetensors"
+        n = 1
+        while path.exists():
+            n += 1
+            path = folder / f"finetuned-{stamp}-{n}.safetensors"
+        return path
+
+    def finetune(self, *, steps: int | None = None, device: str = "auto", progress: Callable | None = None,
+                 cancel: Callable | None = None):
+        """Fine-tune the current model on the store (save first); the result becomes current."""
+        if not self.reviewed:
+            raise NapariUnetError("review or correct some slices first: only reviewed slices teach the model")
+        from training.loop import FINETUNE_DEFAULTS, Settings, finetune
+
+        settings = Settings(**{**FINETUNE_DEFAULTS, "device": device, **({"steps": steps} if steps else {})})
+        result = finetune(self.store, self.model_path, self.finetuned_model_path(), settings=settings,
+                          cancel=cancel, progress=progress)
+        self.set_model(result.path)
+        return result

@@ -1,15 +1,47 @@
-"""The corrections store's files: where a case's `corrections.json` lives, and reading it back
-with validation. The annotation session writes it; training reads it through here.
+"""The corrections store: the one module that writes and reads it.
+
+A store is a folder of cases in their own layout and label convention, each with a
+`corrections.json` beside its files:
+
+    STORE/BraTS2021_00001/BraTS2021_00001_{t1,t1ce,t2,flair,seg}.nii.gz
+    STORE/BraTS2021_00001/corrections.json
+        {"reviewed_slices": [...], "edited_slices": [...], "axis": ..., "model": ..., "saved": ...}
+
+Slice index: a slice is numbered along the file's voxel axis that runs closest to the head's
+superior-inferior axis, counting in the file's own voxel order (for BraTS files: the third
+voxel axis). That holds for any orientation; `CaseSource` converts it to and from the axial
+index of the display. Tools other than napari (ITK-SNAP, 3D Slicer) can write the same store:
+only `reviewed_slices` is required. Every write is atomic; temporary files are hidden and
+removed when a later save finds them.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from napari_unet import NapariUnetError
+from napari_unet.atomic import atomic_path, remove_stale_partials, write_text
+from napari_unet.cases import CaseSource, layout_paths, read_labels, write_case_files, write_labels
 
 CORRECTIONS_FILE = "corrections.json"
+AXIS = "the file's voxel axis nearest to superior-inferior, in file voxel order"
+# A corrections.json is a few kB; anything far larger is not one (and would be slow to parse).
+MAX_CORRECTIONS_BYTES = 4 * 2**20
+
+
+@dataclass
+class Corrections:
+    """The review state of one case, in display axial indices."""
+
+    reviewed: set[int] = field(default_factory=set)
+    edited: set[int] = field(default_factory=set)
+    model: str | None = None  # the model that made the proposals the labels started from
 
 
 def corrections_path(case_dir_or_file: Path) -> Path:
@@ -21,19 +53,121 @@ def corrections_path(case_dir_or_file: Path) -> Path:
     return p.with_name(f"{stem}.{CORRECTIONS_FILE}")
 
 
-def read_corrections(case_dir: Path, n_axial: int) -> list[int] | None:
-    """The reviewed file-axial indices of a store case (None: no corrections.json)."""
-    path = corrections_path(case_dir)
+def case_location(store: str | Path, source: CaseSource) -> tuple[dict[str, Path], Path, Path]:
+    """(image files, segmentation file, corrections.json) of `source`'s case inside `store`."""
+    layout = "brats2021" if source.layout == "single" else source.layout
+    images, seg = layout_paths(store, layout, source.case_id)
+    case = next(iter(images.values())) if layout == "msd" else seg.parent
+    return images, seg, corrections_path(case)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections: Corrections,
+          images: dict[str, np.ndarray] | None = None) -> Path:
+    """Write the case's labels and corrections.json into `store`, its images the first time.
+
+    `images` (display orientation) are written when the source's files cannot be copied
+    (a case made in memory, or whose files have gone). Returns the case's folder or file.
+    """
+    if source.layout == "single":
+        raise NapariUnetError(
+            f"{source.path}: a single image cannot go into a corrections store; open the whole case folder"
+        )
+    image_paths, seg, record_path = case_location(store, source)
+    for folder in {seg.parent, record_path.parent, *(p.parent for p in image_paths.values())}:
+        remove_stale_partials(folder)
+    if not all(p.exists() for p in image_paths.values()):
+        _write_images(store, source, image_paths, images)
+    write_labels(labels, source, seg)
+    record = {
+        "reviewed_slices": sorted(source.axial_to_file_index(z) for z in corrections.reviewed),
+        "edited_slices": sorted(source.axial_to_file_index(z) for z in corrections.edited),
+        "axis": AXIS,
+        "label_convention": source.convention,
+        "model": corrections.model,
+        "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_text(record_path, json.dumps(record, indent=1))
+    return record_path.parent if record_path.name == CORRECTIONS_FILE else seg
+
+
+def _write_images(store, source: CaseSource, paths: dict[str, Path], images: dict[str, np.ndarray] | None) -> None:
+    files = {m: Path(f) for m, f in source.files.items() if m != "seg"}
+    if files and all(files.get(m, Path()).is_file() for m in paths):
+        for modality, dst in paths.items():
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(files[modality], tmp)
+        return
+    if images is None or not all(m in images for m in paths):
+        raise NapariUnetError(f"{source.path or source.case_id}: the case's image files are gone; cannot fill the store")
+    arrays = {m: source.to_file(np.asarray(images[m])) for m in paths}
+    write_case_files(store, source.layout, source.case_id, arrays, None, np.asarray(source.affine),
+                     image_dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read(store: str | Path, source: CaseSource) -> tuple[np.ndarray, Corrections] | None:
+    """The labels and review state saved earlier for this case (None: never saved)."""
+    _, seg, record_path = case_location(store, source)
+    if not seg.exists():
+        return None
+    labels, stored = read_labels(seg, source.convention)
+    expected = tuple(source.to_display(np.empty(source.shape, np.uint8)).shape)
+    if labels.shape != expected:
+        raise NapariUnetError(f"{seg}: shape {labels.shape} in the store differs from the open case {expected}")
+    return labels, read_corrections(record_path.parent if record_path.name == CORRECTIONS_FILE else seg, source) \
+        or Corrections()
+
+
+def read_corrections(case_dir_or_file: str | Path, source: CaseSource) -> Corrections | None:
+    """The validated corrections.json of a store case, in display indices (None: there is none)."""
+    path = corrections_path(Path(case_dir_or_file))
     if not path.exists():
         return None
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise NapariUnetError(f'{path}: expected an object like {{"reviewed_slices": [axial indices]}}')
+    n_axial = source.axial_size
+    reviewed = _slice_list(data, "reviewed_slices", path, n_axial, required=True)
+    edited = _slice_list(data, "edited_slices", path, n_axial, required=False)
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise NapariUnetError(f"{path}: 'model' must be a file name or null")
+    edited_display = {source.file_to_axial_index(z) for z in edited}
+    reviewed_display = {source.file_to_axial_index(z) for z in reviewed} | edited_display  # edited = looked at
+    return Corrections(reviewed_display, edited_display, model)
+
+
+def _load_json(path: Path):
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if path.is_dir():
+            raise NapariUnetError(f"{path}: is a folder, not a corrections file")
+        if path.stat().st_size > MAX_CORRECTIONS_BYTES:
+            raise NapariUnetError(f"{path}: {path.stat().st_size / 2**20:.0f} MB is far too large for a corrections file")
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise NapariUnetError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise NapariUnetError(f"{path}: not a text file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
         raise NapariUnetError(f"{path}: not valid JSON ({err})") from None
-    slices = data.get("reviewed_slices") if isinstance(data, dict) else None
+    except (RecursionError, ValueError) as err:  # absurd nesting, 5000-digit numbers
+        raise NapariUnetError(f"{path}: not a corrections file ({type(err).__name__})") from None
+
+
+def _slice_list(data: dict, key: str, path: Path, n_axial: int, *, required: bool) -> list[int]:
+    if key not in data and not required:
+        return []
+    slices = data.get(key)
     if not isinstance(slices, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in slices):
-        raise NapariUnetError(f'{path}: expected {{"reviewed_slices": [axial indices as integers]}}')
+        raise NapariUnetError(f'{path}: expected "{key}": [axial indices as integers]')
     bad = [s for s in slices if not 0 <= s < n_axial]
     if bad:
-        raise NapariUnetError(f"{path}: reviewed slices {bad[:5]} are outside the volume (0..{n_axial - 1})")
+        raise NapariUnetError(f"{path}: {key} {bad[:5]} are outside the volume (0..{n_axial - 1})")
     return slices

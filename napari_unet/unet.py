@@ -16,6 +16,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
+_INT_BOUNDS = {"in_channels": (1, 32), "out_channels": (1, 16), "base_channels": (1, 512), "depth": (1, 7),
+               "spatial_dims": (2, 3)}
+MAX_CHANNELS = 8192  # the paper's widest level has 1024
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4
@@ -27,12 +32,21 @@ class UNetConfig:
     spatial_dims: int = 2
 
     def __post_init__(self):
+        # Bounds checked before anything is built: a model file must not be able to ask for
+        # a network of hundreds of GB.
+        for name, (lo, hi) in _INT_BOUNDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be a whole number from {lo} to {hi}, not {value!r}")
+        if self.base_channels * 2**self.depth > MAX_CHANNELS:
+            raise ValueError(f"base_channels x 2^depth = {self.base_channels * 2**self.depth} channels at the "
+                             f"bottom; at most {MAX_CHANNELS}")
         if self.padding not in ("valid", "same"):
             raise ValueError(f"padding must be 'valid' or 'same', not {self.padding!r}")
         if self.norm not in ("none", "batch", "instance"):
             raise ValueError(f"norm must be 'none', 'batch' or 'instance', not {self.norm!r}")
-        if self.spatial_dims not in (2, 3) or self.depth < 1 or self.base_channels < 1:
-            raise ValueError(f"invalid U-Net configuration {self}")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, not {self.spatial_dims!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

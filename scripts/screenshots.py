@@ -30,7 +30,7 @@ def open_case_screenshot(out: Path) -> None:
 def _wait(widget, app) -> None:
     import time
 
-    while widget._worker is not None:
+    while widget.busy:
         app.processEvents()
         time.sleep(0.01)
     for _ in range(20):
@@ -53,10 +53,10 @@ def widget_screenshots(docs: Path) -> None:
     os.chdir(tmp)  # relative paths: the pictures show no machine's folders
     case_path = write_dataset("data", 1, seed=52, shift=1.0)[0]
     viewer, widget = open_viewer(case_path)
-    widget.store_edit.setText("corrections")
+    widget.set_store("corrections")
     viewer.window._qt_window.resize(1500, 950)
     app = napari.qt.get_qapp()
-    widget._warming.result()
+    _wait(widget, app)  # the model loads in the background
     widget.propose()
     _wait(widget, app)
     widget.show_uncertainty.setChecked(True)
@@ -71,8 +71,7 @@ def widget_screenshots(docs: Path) -> None:
     for z in tumour[:: max(1, len(tumour) // 10)][:10]:  # the annotator fixes 10 slices
         plane = np.unravel_index(np.arange(truth[z].size), truth[z].shape)
         layer.data_setitem((np.full(truth[z].size, z),) + plane, truth[z].ravel())
-    app.processEvents()
-    widget._collect_edits()
+    _wait(widget, app)  # the edits are noticed
     widget.show_uncertainty.setChecked(False)
     widget.finetune()
     _wait(widget, app)

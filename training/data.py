@@ -5,7 +5,7 @@ optional `corrections.json`:
 
     {"reviewed_slices": [axial indices]}
 
-(axial = the NIfTI's third voxel axis, as BraTS stores it). Only the reviewed slices of a case
+(`napari_unet.store` owns the format and the slice numbering). Only the reviewed slices of a case
 with a corrections.json teach the model; a case without one counts as fully annotated.
 Tools other than napari (ITK-SNAP, 3D Slicer) can write the same store.
 """
@@ -100,13 +100,14 @@ def load_store(store, modalities, norm: Normalisation, progress: Callable | None
     out = []
     for path in _progress_iter(find_cases(store), progress):
         case = read_case(path)
-        file_slices = read_corrections(Path(path), case.source.shape[2])
-        reviewed = None if file_slices is None else [case.source.file_to_axial_index(s) for s in file_slices]
+        corrections = read_corrections(path, case.source)
+        reviewed = None if corrections is None else sorted(corrections.reviewed)
         tc = train_case(case, modalities, norm, reviewed)
         if len(tc.trusted):
             out.append(tc)
     if not out:
-        raise NapariUnetError(f"{store}: no reviewed slices to learn from (every corrections.json is empty)")
+        raise NapariUnetError(f"{store}: no reviewed slices with brain in them to learn from "
+                              "(corrections.json lists none, or the images are blank)")
     return out
 
 

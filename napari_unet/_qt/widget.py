@@ -1,14 +1,15 @@
 """The annotation dock widget: propose, correct, review, save, fine-tune.
 
-It builds the layout and connects signals; every decision is made by the Qt-free core
-(`napari_unet.session`, `napari_unet.predict`, `training.loop`). Long work runs in a
-worker thread (superqt/napari workers); progress comes back through a Qt signal so the
-GUI thread only updates widgets.
+It lays out controls, wires signals and keeps napari's layers in step with one Qt-free
+`AnnotationSession` per open case, which owns the state and makes every decision. Long work
+runs in a worker thread; progress comes back through a Qt signal so the GUI thread only
+updates widgets. `closeEvent` releases everything it connected.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
+    QListWidgetItem,
     QProgressBar,
     QPushButton,
     QVBoxLayout,
@@ -33,16 +35,21 @@ from qtpy.QtWidgets import (
 
 from napari_unet import NapariUnetError
 from napari_unet._qt.plot import LossPlot
+from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC
 from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
 
 DEFAULT_MODEL = "shipped default model"
+DEFAULT_STORE = "napari-unet-corrections"
+WIDGET_NAME = "Tumour annotation (U-Net)"
+_KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next",
+         "Alt-0": BACKGROUND, "Alt-1": NECROTIC, "Alt-2": EDEMA, "Alt-3": ENHANCING}
 
 
 class _Bridge(QObject):
-    """Carries progress from worker threads to the GUI thread (queued signal)."""
+    """Carries progress and messages from worker threads to the GUI thread (queued signals)."""
 
     progress = Signal(int, int, object)
-    message = Signal(str, bool)  # text, is_error
+    saved = Signal(str, bool)  # text, is_error
 
 
 def _with_button(field: QWidget, text: str, slot) -> QHBoxLayout:
@@ -55,13 +62,25 @@ def _with_button(field: QWidget, text: str, slot) -> QHBoxLayout:
     return row
 
 
-def _display_ready(prediction):
+def _display_ready(result):
     """Uncertainty as 8 bits for display, converted in the worker: a quarter of the bytes to copy
-    on the GUI thread (the ranking of slices uses the float values, taken before)."""
-    prediction.slice_scores = prediction.slice_uncertainty()
+    on the GUI thread (the slice ranking uses the float scores, taken before)."""
+    prediction, warning = result
     if prediction.uncertainty is not None:
         prediction.uncertainty = np.round(prediction.uncertainty * 255).astype(np.uint8)
-    return prediction
+    return prediction, warning
+
+
+def _emit(signal, *args) -> None:
+    """Emit from a worker thread; after the widget is gone there is no one to tell."""
+    try:
+        signal.emit(*args)
+    except RuntimeError:
+        pass
+
+
+def _case_key(source) -> tuple[str, str]:
+    return source.case_id, source.path
 
 
 class AnnotationWidget(QWidget):
@@ -69,32 +88,36 @@ class AnnotationWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.session = None
-        self.case = None  # an in-memory Case when the sample is open (for the store)
-        self.model_path: Path | None = None  # None: the shipped default
-        self._predictor = None
-        self._predictor_key = None
-        self._prepared = None
-        self._prepared_key = None
-        self._slice_scores = None
-        self._shadow = None
+        self._annotation = None  # the session's Labels layer
+        self._store_chosen = False  # a store the user picked is kept for every case
+        self._seen: set = set()  # the cases open at the last look, to tell a newly opened one
         self._worker = None
+        self._what = ""
         self._napari_bar = None
+        self._warming: Future | None = None
         self._cancel = threading.Event()
-        self._bridge = _Bridge()
+        self._bridge = _Bridge(self)  # a child: destroyed with the widget, so late signals go nowhere
         self._bridge.progress.connect(self._on_progress)
-        self._bridge.message.connect(lambda text, is_error: (self._error if is_error else self._message)(text))
+        self._bridge.saved.connect(self._on_saved)
         # Saving runs on its own thread: painting never waits for a NIfTI file to be written.
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-save")
+        self._pending_save: Future | None = None
         self._save_timer = QTimer(self, singleShot=True, interval=300)
         self._save_timer.timeout.connect(self.save)
         self._edit_timer = QTimer(self, singleShot=True, interval=50)
         self._edit_timer.timeout.connect(self._collect_edits)
         self._build()
+        self._connections: list[tuple] = []  # (emitter, callback), disconnected on teardown
+        self._release = functools.partial(_release, self.viewer, self._connections, self._saver, self._cancel)
+        self.destroyed.connect(self._release)
         # Deferred: a reader adds several layers in a row; attach once they are all in.
-        self.viewer.layers.events.inserted.connect(lambda e: QTimer.singleShot(0, self._attach))
-        self.viewer.dims.events.current_step.connect(lambda e: self._update_slice_label())
-        self.viewer.bind_key("Shift-R", lambda v: self.toggle_reviewed(), overwrite=True)
-        self.viewer.bind_key("Shift-N", lambda v: self.review_next(), overwrite=True)
+        self._connect(self.viewer.layers.events.inserted, self._schedule_attach)
+        self._connect(self.viewer.layers.events.removed, self._schedule_attach)
+        self._connect(self.viewer.dims.events.current_step, self._update_slice_label)
+        for key, action in _KEYS.items():
+            handler = (lambda v, a=action: getattr(self, a)()) if isinstance(action, str) \
+                else (lambda v, a=action: self.select_label(a))
+            self.viewer.bind_key(key, handler, overwrite=True)
         self._attach()
 
     # ------------------------------------------------------------------ layout
@@ -129,16 +152,30 @@ class AnnotationWidget(QWidget):
         col.addWidget(self.show_uncertainty)
         layout.addWidget(box)
 
+        box = QGroupBox("Paint (Alt-0 … Alt-3)")
+        row = QHBoxLayout(box)
+        self.label_buttons = {}
+        for value in (NECROTIC, EDEMA, ENHANCING, BACKGROUND):
+            name = "eraser" if value == BACKGROUND else LABEL_NAMES[value]
+            button = QPushButton(f"{value} {name}")
+            if value in LABEL_COLORS:
+                r, g, b, _ = (int(255 * c) for c in LABEL_COLORS[value])
+                button.setStyleSheet(f"border-left: 6px solid rgb({r},{g},{b});")
+            button.clicked.connect(lambda _=False, v=value: self.select_label(v))
+            row.addWidget(button)
+            self.label_buttons[value] = button
+        layout.addWidget(box)
+
         box = QGroupBox("Review")
         col = QVBoxLayout(box)
         self.slice_label = QLabel("no case open")
         col.addWidget(self.slice_label)
         row = QHBoxLayout()
         self.reviewed_btn = QPushButton("Mark reviewed (Shift-R)")
-        self.reviewed_btn.clicked.connect(self.toggle_reviewed)
+        self.reviewed_btn.clicked.connect(lambda: self.toggle_reviewed())
         self.next_btn = QPushButton("Review next (Shift-N)")
         self.next_btn.setToolTip("jump to the unreviewed slice where the model is least sure")
-        self.next_btn.clicked.connect(self.review_next)
+        self.next_btn.clicked.connect(lambda: self.review_next())
         row.addWidget(self.reviewed_btn)
         row.addWidget(self.next_btn)
         col.addLayout(row)
@@ -153,9 +190,10 @@ class AnnotationWidget(QWidget):
         form = QFormLayout(box)
         self.store_edit = QLineEdit()
         self.store_edit.setPlaceholderText("folder for corrections")
+        self.store_edit.editingFinished.connect(lambda: self.set_store(self.store_edit.text()))
         form.addRow("store", _with_button(self.store_edit, "…", self._browse_store))
         self.finetune_btn = QPushButton("Fine-tune on corrections")
-        self.finetune_btn.clicked.connect(self.finetune)
+        self.finetune_btn.clicked.connect(lambda: self.finetune())
         form.addRow(self.finetune_btn)
         self.loss_plot = LossPlot()
         form.addRow(self.loss_plot)
@@ -164,6 +202,7 @@ class AnnotationWidget(QWidget):
         row = QHBoxLayout()
         self.progress_bar = QProgressBar()
         self.progress_bar.setTextVisible(True)
+        self.progress_bar.setFormat("")
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -173,94 +212,162 @@ class AnnotationWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
+        self.save_label = QLabel("")  # autosaves report here, so they never hide the last action's result
+        self.save_label.setWordWrap(True)
+        self.save_label.setStyleSheet("color: gray;")
+        layout.addWidget(self.save_label)
         layout.addStretch(1)
 
     # ------------------------------------------------------------------ the case
-    def _image_layers(self) -> dict:
-        found = {}
+    def _open_cases(self) -> dict[tuple, dict]:
+        """The cases whose image layers are in the viewer: key -> {modality: layer}, in layer order."""
+        cases: dict[tuple, dict] = {}
         for layer in self.viewer.layers:
-            meta = layer.metadata.get(META_KEY, {}) if hasattr(layer, "metadata") else {}
+            meta = layer.metadata.get(META_KEY, {})
             if meta.get("role") == "image" and meta.get("modality"):
-                found[meta["modality"]] = layer
-        return found
+                cases.setdefault(_case_key(source_of(layer.metadata)), {})[meta["modality"]] = layer
+        return cases
 
     @property
     def annotation_layer(self):
-        if self.session is None:
-            return None
-        name = f"{self.session.case_id} annotation"
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        """The Labels layer of the case being annotated (None when no case is open)."""
+        layer = self._annotation
+        return layer if layer is not None and layer in self.viewer.layers else None
+
+    def _connect(self, emitter, callback) -> None:
+        emitter.connect(callback)
+        self._connections.append((emitter, callback))
+
+    def _edits_maybe(self, event=None) -> None:
+        self._edit_timer.start()
+
+    def _schedule_attach(self, event=None) -> None:
+        QTimer.singleShot(0, self._attach)
 
     def _attach(self) -> None:
-        """Find the open case (by our metadata) and start or restore its session."""
-        images = self._image_layers()
-        if not images:
-            return
-        source = source_of(next(iter(images.values())).metadata)
-        if self.session is not None and self.session.source.case_id == source.case_id:
-            return
-        if not self.store_edit.text():
-            parent = Path(source.path).parent if source.path else Path.home() / "napari-unet"
-            self.store_edit.setText(str(parent / "napari-unet-corrections"))
-        try:
-            from napari_unet.session import AnnotationSession
+        """Follow the viewer: start a session for a newly opened case, end it when its layers go."""
+        cases = self._open_cases()
+        current = _case_key(self.session.source) if self.session is not None else None
+        new = [key for key in cases if key not in self._seen]  # opened since the last look
+        self._seen = set(cases)
+        if new:
+            if self.session is not None:
+                self._end_session(hide=current in cases)
+            self._start_session(cases[new[-1]])
+        elif current is not None and current not in cases:
+            self._end_session(hide=False)  # the user closed the case's images
+        elif current is not None and self.annotation_layer is None:
+            self._start_session(cases[current])  # the annotation layer was removed: bring back what was saved
 
-            self.session = AnnotationSession(source, self.store_edit.text())
+    def _start_session(self, image_layers: dict) -> None:
+        from napari_unet.session import AnnotationSession
+
+        source = source_of(next(iter(image_layers.values())).metadata)
+        if not self._store_chosen:
+            parent = Path(source.path).parent if source.path else Path.home() / "napari-unet"
+            self.store_edit.setText(str(parent / DEFAULT_STORE))
+        try:
+            session = AnnotationSession(source, {m: layer.data for m, layer in image_layers.items()},
+                                        self.store_edit.text(), model=self._combo_model())
+            labels = session.open_labels()
         except NapariUnetError as err:
             self._error(str(err))
             return
-        self._prepared = self._prepared_key = self._slice_scores = None
-        restored = self.session.restore()
-        # The (empty) annotation layer is made now, while the case opens, not in the middle of
-        # a proposal: creating a 240x240x155 Labels layer takes the GUI thread a few 100 ms.
-        self._ensure_annotation_layer(restored)
-        self._ensure_uncertainty_layer()
-        if restored is not None:
-            self._message(f"restored {len(self.session.reviewed)} reviewed slice(s) from {self.session.case_path}")
+        self.session = session
+        for layer in image_layers.values():
+            layer.visible = layer.metadata[META_KEY]["modality"] in ("flair", "image")
+        self._show_annotation(labels)
+        if session.model_path is not None:
+            self.set_model(session.model_path)
+        if session.reviewed:
+            self._message(f"{session.case_id}: restored {len(session.reviewed)} reviewed slice(s) "
+                          f"from {session.case_path}")
+        else:
+            self._message(f"{session.case_id}: ready; corrections go to {session.case_path}")
         self._refresh_review_list()
         self._warm_up()
 
+    def _end_session(self, hide: bool) -> None:
+        """Save the case being left (waiting for it), and hide its layers if they stay open."""
+        session, layer = self.session, self.annotation_layer
+        self._save_timer.stop()
+        if layer is not None:
+            self._collect_edits()
+            self.save()
+        if self._pending_save is not None:
+            try:
+                self._pending_save.result()
+            except (NapariUnetError, OSError):
+                pass  # already reported
+        if hide:
+            for other in self.viewer.layers:
+                if session.owns(source_of(other.metadata)):
+                    other.visible = False
+            if layer is not None:
+                layer.editable = False  # edits to a case no longer tracked would be lost
+            self._message(f"now annotating the newly opened case; {session.case_id} was saved and hidden")
+        self.session = self._annotation = None
+        self._refresh_review_list()
+
+    def _show_annotation(self, labels: np.ndarray) -> None:
+        """The session's Labels layer on top, visible and selected; its case's uncertainty under it."""
+        source = self.session.source
+        name = f"{source.case_id} annotation"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        layer = self.viewer.add_labels(labels, **labels_layer_kwargs(source.case_id, source, name=name,
+                                                                     role="annotation"))
+        layer.opacity = 0.6
+        self.session.track(layer.data)
+        # Strokes, undo/redo and `data[...] = ...; refresh()` all end in one of these.
+        for event in (layer.events.paint, layer.events.set_data, layer.events.data):
+            self._connect(event, self._edits_maybe)
+        self._connect(layer.events.selected_label, lambda e: self._check_label(layer))
+        self._annotation = layer
+        for other in self.viewer.layers:  # a reference segmentation would hide what is edited
+            if other is not layer and self.session.owns(source_of(other.metadata)) \
+                    and other.metadata[META_KEY].get("role") == "labels":
+                other.visible = False
+        self._uncertainty_layer()
+        self._bring_to_top()
+
+    def _bring_to_top(self) -> None:
+        layer = self.annotation_layer
+        if layer is None:
+            return
+        layer.visible = True
+        self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+        self.viewer.layers.selection.active = layer
+
+    def _uncertainty_layer(self):
+        """The per-voxel uncertainty as an image layer (filled by proposals)."""
+        name = f"{self.session.case_id} uncertainty"
+        shape = self.session.shape
+        if name in self.viewer.layers and self.viewer.layers[name].data.shape == shape:
+            return self.viewer.layers[name]
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        return self.viewer.add_image(
+            np.zeros(shape, np.uint8), name=name, colormap="inferno", blending="additive", contrast_limits=(0, 255),
+            scale=self.session.source.spacing, visible=self.show_uncertainty.isChecked(),
+            metadata={META_KEY: {"source": self.session.source.to_dict(), "role": "uncertainty"}})
+
     def _warm_up(self) -> None:
         """Load torch and the model in the background while the user looks at the case."""
-        device = self.device_combo.currentText()
+        session, device, tta = self.session, self.device_combo.currentText(), self.tta_check.isChecked()
 
         def load():
             try:
-                # Imports hold the GIL for long stretches: do them now, not in the middle of a task.
-                import torch.distributed  # noqa: F401  (warm the import)
-
                 from training.loop import warm_up
 
-                self._get_predictor(device)
+                session.predictor(device, tta)
                 warm_up()
             except Exception:  # noqa: BLE001  (a bad model is reported when the user proposes)
                 pass
 
         self._warming = self._saver.submit(load)
 
-    def _ensure_annotation_layer(self, data: np.ndarray | None = None):
-        layer = self.annotation_layer
-        if layer is None:
-            source = self.session.source
-            shape = next(iter(self._image_layers().values())).data.shape
-            initial = data if data is not None else np.zeros(shape, np.uint8)
-            layer = self.viewer.add_labels(
-                initial, **labels_layer_kwargs(source.case_id, source, name=f"{source.case_id} annotation")
-            )
-            layer.opacity = 0.6
-            for other in self.viewer.layers:  # a reference segmentation would hide what is edited
-                if other is not layer and other.metadata.get(META_KEY, {}).get("role") == "labels":
-                    other.visible = False
-            self.viewer.layers.selection.active = layer
-            layer.events.paint.connect(lambda e: self._edit_timer.start())
-            if hasattr(layer.events, "labels_update"):
-                layer.events.labels_update.connect(lambda e: self._edit_timer.start())
-        elif data is not None:
-            layer.data = data
-        self._shadow = np.array(layer.data, copy=True)
-        return layer
-
-    # ------------------------------------------------------------------ model
+    # ------------------------------------------------------------------ model and store
     def _browse_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Model file", "", "Models (*.safetensors *.pt)")
         if path:
@@ -276,153 +383,141 @@ class AnnotationWidget(QWidget):
             self.model_combo.addItem(path)
         self.model_combo.setCurrentIndex(self.model_combo.findText(path))
 
-    def _model_changed(self) -> None:
+    def _combo_model(self) -> Path | None:
         text = self.model_combo.currentText()
-        self.model_path = None if text == DEFAULT_MODEL else Path(text)
+        return None if text == DEFAULT_MODEL else Path(text)
 
-    def _get_predictor(self, device: str):
-        from napari_unet.modelfile import load_model
-        from napari_unet.predict import Predictor
+    @property
+    def model_path(self) -> Path | None:
+        """The model file in use (None: the shipped default)."""
+        return self._combo_model()
 
-        key = (str(self.model_path), device, self.tta_check.isChecked())
-        if self._predictor_key != key:
-            self._predictor = Predictor(load_model(self.model_path), device, tta=key[2])
-            self._predictor_key = key
-        return self._predictor
+    def _model_changed(self) -> None:
+        if self.session is not None:
+            self.session.set_model(self._combo_model())
+
+    def set_store(self, path) -> None:
+        """Save corrections under this folder, for this case and the next ones."""
+        self.store_edit.setText(str(path))
+        self._store_chosen = True
+        if self.session is not None:
+            self.session.store = Path(path)
+            self._save_timer.start()
+
+    def _browse_store(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Corrections store")
+        if path:
+            self.set_store(path)
 
     # ------------------------------------------------------------------ propose
-    def propose(self, current_slice: bool = False):
-        """Propose labels (off the GUI thread); reviewed and edited slices are kept."""
-        if self._busy():
+    def propose(self, current_slice: bool = False, note: str = ""):
+        """Propose labels (off the GUI thread); reviewed slices are kept."""
+        if self._refuse_if_busy():
             return None
-        images = self._image_layers()
-        if not images or self.session is None:
-            self._error("open a BraTS case with napari-unet first (File > Open, or the sample data)")
+        if self.session is None or self.annotation_layer is None:
+            self._error("open a BraTS case first (File > Open, File > Open Sample, or napari-unet annotate)")
             return None
-        z = int(self.viewer.dims.current_step[0])
-        device = self.device_combo.currentText()
-        stack_key = tuple(id(layer.data) for layer in images.values())
+        session = self.session
+        slices = [self.current_slice()] if current_slice else None
+        device, tta = self.device_combo.currentText(), self.tta_check.isChecked()
 
         def work():
-            from napari_unet.modelfile import check_modalities
-            from napari_unet.predict import resolve_device
-
-            if getattr(self, "_warming", None) is not None:
-                self._warming.result()
-            predictor = self._get_predictor(device)
-            check_modalities(predictor.metadata, list(images), self.session.source.path or self.session.case_id)
-            if self._prepared_key != (stack_key, predictor.modalities):
-                stack = np.stack([np.asarray(images[m].data, np.float32) for m in predictor.modalities])
-                self._prepared = predictor.prepare(stack)
-                self._prepared_key = (stack_key, predictor.modalities)
-            kwargs = dict(slices=[z] if current_slice else None, with_uncertainty=True,
-                          progress=lambda d, t: self._bridge.progress.emit(d, t, None),
-                          cancel=self._cancel.is_set)
-            try:
-                return _display_ready(predictor.predict(self._prepared, **kwargs)), None
-            except RuntimeError as err:  # out of GPU memory: carry on on the CPU
-                if "out of memory" not in str(err).lower() or resolve_device(device).type == "cpu":
-                    raise
-                self._predictor_key = None
-                prediction = self._get_predictor("cpu").predict(self._prepared, **kwargs)
-                return _display_ready(prediction), "GPU out of memory: ran on the CPU"
+            return _display_ready(session.predict(
+                slices, device=device, tta=tta, cancel=self._cancel.is_set,
+                progress=lambda d, t: self._bridge.progress.emit(d, t, None)))
 
         # A single slice is done in a blink: napari's activity bar would cost more than the work.
-        return self._start(work, self._proposal_done, "proposing", napari_bar=not current_slice)
+        return self._start(work, lambda result: self._proposal_done(session, result, note), "proposing",
+                           napari_bar=not current_slice)
 
-    def _proposal_done(self, result) -> None:
+    def _proposal_done(self, session, result, note: str) -> None:
+        if session is not self.session or self.annotation_layer is None:
+            return  # the case was closed meanwhile
         prediction, warning = result
-        layer = self._ensure_annotation_layer()
-        # In place, slice by slice: no new 9M-voxel array for napari to take in on the GUI thread.
-        take = self.session.unprotected(prediction.computed_slices)
-        layer.data[take] = prediction.labels[take]
-        self._shadow[take] = prediction.labels[take]
+        layer = self.annotation_layer
+        taken = session.merge_proposal(layer.data, prediction)  # in place: no new array for napari
         layer.refresh()
-        scores = prediction.slice_scores
-        if self._slice_scores is None or len(prediction.computed_slices) > 1:
-            self._slice_scores = scores
-        else:
-            self._slice_scores[prediction.computed_slices] = scores[prediction.computed_slices]
-        self._set_uncertainty(prediction)
-        kept = len(self.session.protected() & set(prediction.computed_slices.tolist()))
-        self._message(f"proposed {len(prediction.computed_slices)} slice(s) in {prediction.seconds:.2f} s"
-                      + (f"; kept {kept} reviewed slice(s)" if kept else ""))
+        uncertainty = self._uncertainty_layer()
+        uncertainty.data[prediction.computed_slices] = prediction.uncertainty[prediction.computed_slices]
+        uncertainty.refresh()
+        self._bring_to_top()
+        kept = len(prediction.computed_slices) - len(taken)
+        text = (f"proposed {len(prediction.computed_slices)} slice(s) in {prediction.seconds:.2f} s"
+                + (f"; kept {kept} reviewed slice(s)" if kept else ""))
+        self._message(f"{note} · {text}" if note else text)
         if warning:
             self._warn(warning)
-
-    def _set_uncertainty(self, prediction) -> None:
-        if prediction.uncertainty is None:
-            return
-        layer = self._ensure_uncertainty_layer()
-        layer.data[prediction.computed_slices] = prediction.uncertainty[prediction.computed_slices]
-        layer.refresh()
-
-    def _ensure_uncertainty_layer(self):
-        """The per-voxel uncertainty as an image layer (made when the case opens, filled by proposals)."""
-        name = "uncertainty"
-        shape = self.annotation_layer.data.shape
-        if name in self.viewer.layers and self.viewer.layers[name].data.shape == shape:
-            return self.viewer.layers[name]
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        layer = self.viewer.add_image(np.zeros(shape, np.uint8), name=name, colormap="inferno", blending="additive",
-                                      contrast_limits=(0, 255), scale=self.session.source.spacing,
-                                      visible=self.show_uncertainty.isChecked())
-        # keep the labels on top, and the one to paint on selected
-        self.viewer.layers.move(self.viewer.layers.index(self.annotation_layer), len(self.viewer.layers))
-        self.viewer.layers.selection.active = self.annotation_layer
-        return layer
+        self._save_timer.start()  # the store records which model made the labels
 
     def _toggle_uncertainty(self, on: bool) -> None:
-        if "uncertainty" in self.viewer.layers:
-            self.viewer.layers["uncertainty"].visible = on
+        if self.session is not None:
+            self._uncertainty_layer().visible = on
 
-    # ------------------------------------------------------------------ review
+    # ------------------------------------------------------------------ paint and review
+    def select_label(self, value: int) -> None:
+        """Paint with a tissue label (0: erase) on the annotation layer."""
+        layer = self.annotation_layer
+        if layer is None:
+            return
+        layer.selected_label = int(value)
+        layer.mode = "erase" if value == BACKGROUND else "paint"
+        self.viewer.layers.selection.active = layer
+
+    def _check_label(self, layer) -> None:
+        """Only the three tissue labels can be painted (napari's "new label" offers 4, 5, …)."""
+        value = int(layer.selected_label)
+        if value <= ENHANCING:
+            return
+        layer.selected_label = ENHANCING if value == 4 else NECROTIC
+        self._message(f"label {value} is not a tumour label here: painting with {layer.selected_label} "
+                      f"({LABEL_NAMES[layer.selected_label]}); the labels are 1, 2 and 3 (Alt-1 … Alt-3)")
+
     def current_slice(self) -> int:
         return int(self.viewer.dims.current_step[0])
 
     def go_to_slice(self, z: int) -> None:
         self.viewer.dims.set_current_step(0, int(z))
 
-    def toggle_reviewed(self, z: int | None = None) -> None:
+    def toggle_reviewed(self) -> None:
+        """Mark the current slice reviewed, or unmark it (it then takes new proposals again)."""
         if self.session is None:
             return
-        z = self.current_slice() if z is None else int(z)
-        self.session.mark_reviewed(z, z not in self.session.reviewed)
-        self._ensure_annotation_layer()
+        z = self.current_slice()
+        self.session.set_reviewed(z, z not in self.session.reviewed)
         self._refresh_review_list()
         self._save_timer.start()
 
     def review_next(self) -> int | None:
-        if self.session is None or self._slice_scores is None:
+        """Go to the unreviewed slice where the model is least sure (again: the next one)."""
+        if self.session is None or self.session.slice_scores is None:
             self._message("propose first: the ranking comes from the model's uncertainty")
             return None
-        z = self.session.next_to_review(self._slice_scores)
+        z = self.session.next_to_review(self.current_slice())
         if z is None:
             self._message("every slice with brain has been reviewed")
             return None
         self.go_to_slice(z)
-        self._message(f"slice {z}: uncertainty {self._slice_scores[z]:.3f} (highest among unreviewed)")
+        self._message(f"slice {z}: about {self.session.slice_scores[z]:.0f} voxels the model is unsure of "
+                      "(the most among unreviewed slices)")
         return z
 
     def _collect_edits(self) -> None:
         layer = self.annotation_layer
-        if layer is None or self._shadow is None or self.session is None:
+        if layer is None or self.session is None:
             return
-        data = np.asarray(layer.data)
-        changed = np.flatnonzero((data != self._shadow).reshape(data.shape[0], -1).any(axis=1))
-        if changed.size:
-            self.session.record_edits(changed.tolist())
-            self._shadow[changed] = data[changed]
+        changed, note = self.session.collect_edits(layer.data)
+        if note:
+            layer.refresh()
+            self._message(note)
+        if changed:
             self._refresh_review_list()
             self._save_timer.start()
 
     def _refresh_review_list(self) -> None:
         self.reviewed_list.clear()
         if self.session is None:
+            self.slice_label.setText("no case open")
             return
-        from qtpy.QtWidgets import QListWidgetItem
-
         for z in sorted(self.session.reviewed):
             tag = " (edited)" if z in self.session.edited else ""
             item = QListWidgetItem(f"slice {z}{tag}")
@@ -430,12 +525,12 @@ class AnnotationWidget(QWidget):
             self.reviewed_list.addItem(item)
         self._update_slice_label()
 
-    def _update_slice_label(self) -> None:
+    def _update_slice_label(self, event=None) -> None:
         if self.session is None:
             return
         z = self.current_slice()
         state = "reviewed" if z in self.session.reviewed else "not reviewed"
-        self.slice_label.setText(f"slice {z}: {state} · {len(self.session.reviewed)} reviewed")
+        self.slice_label.setText(f"{self.session.case_id}, slice {z}: {state} · {len(self.session.reviewed)} reviewed")
         self.reviewed_btn.setText("Unmark (Shift-R)" if z in self.session.reviewed else "Mark reviewed (Shift-R)")
 
     # ------------------------------------------------------------------ save
@@ -449,59 +544,55 @@ class AnnotationWidget(QWidget):
         layer = self.annotation_layer
         if self.session is None or layer is None:
             return None
-        self.session.store = Path(self.store_edit.text())
-        labels = np.array(layer.data, copy=True)
-        reviewed, edited = set(self.session.reviewed), set(self.session.edited)
-        session, case, model = self.session, self.case, self._model_name()
+        session, snapshot = self.session, self.session.snapshot(layer.data)
+
+        bridge = self._bridge
 
         def write():
             try:
-                path = session.save(labels, case, model=model, reviewed=reviewed, edited=edited)
+                path = session.save(snapshot)
             except (NapariUnetError, OSError) as err:
-                self._bridge.message.emit(f"could not save the corrections: {err}", True)
+                _emit(bridge.saved, f"could not save the corrections of {session.case_id}: {err}", True)
                 raise
-            self._bridge.message.emit(f"saved to {path}", False)
+            _emit(bridge.saved, f"saved {_dt.datetime.now():%H:%M:%S} to {path}", False)
             return path
 
-        return self._saver.submit(write)
-
-    def _model_name(self) -> str:
-        return self.model_path.name if self.model_path else "default"
+        self._pending_save = self._saver.submit(write)
+        return self._pending_save
 
     # ------------------------------------------------------------------ fine-tune
     def finetune(self, steps: int | None = None):
         """Fine-tune the current model on the store; the result becomes the current model."""
-        if self._busy():
+        if self._refuse_if_busy():
             return None
         if self.session is None or not self.session.reviewed:
             self._error("review or correct some slices first: only reviewed slices teach the model")
             return None
-        pending = self.save()
-        store = Path(self.store_edit.text())
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = store.parent / f"{store.name}-models" / f"finetuned-{stamp}.safetensors"
-        base = self.model_path
-        device = self.device_combo.currentText()
+        self._collect_edits()
+        pending, session, device = self.save(), self.session, self.device_combo.currentText()
         self.loss_plot.clear()
 
         def work():
-            from training.loop import FINETUNE_DEFAULTS, Settings, finetune
-
             if pending is not None:
                 pending.result()  # the store holds the latest corrections before training reads it
-            settings = Settings(**{**FINETUNE_DEFAULTS, "device": device, **({"steps": steps} if steps else {})})
-            return finetune(store, base, out, settings=settings, cancel=self._cancel.is_set,
-                            progress=lambda d, t, **info: self._bridge.progress.emit(d, t, info))
+            return session.finetune(steps=steps, device=device, cancel=self._cancel.is_set,
+                                    progress=lambda d, t, **info: self._bridge.progress.emit(d, t, info))
 
         return self._start(work, self._finetune_done, "fine-tuning")
 
     def _finetune_done(self, result) -> None:
-        self._message(f"fine-tuned in {result.seconds:.1f} s ({result.steps} steps): now using {result.path.name}")
         self.set_model(result.path)
-        self.propose(current_slice=False)  # re-propose the unreviewed slices with the new model
+        note = f"fine-tuned in {result.seconds:.1f} s ({result.steps} steps): now using {result.path.name}"
+        self._message(note)
+        self.propose(current_slice=False, note=note)  # re-propose the unreviewed slices with the new model
 
     # ------------------------------------------------------------------ workers
-    def _busy(self) -> bool:
+    @property
+    def busy(self) -> bool:
+        """A proposal or a fine-tuning is running (or the model is still loading)."""
+        return self._worker is not None or (self._warming is not None and not self._warming.done())
+
+    def _refuse_if_busy(self) -> bool:
         if self._worker is not None:
             self._message("busy: wait, or press Cancel")
             return True
@@ -549,7 +640,7 @@ class AnnotationWidget(QWidget):
     def _on_progress(self, done: int, total: int, info) -> None:
         self.progress_bar.setMaximum(max(total, 1))
         self.progress_bar.setValue(done)
-        bar = getattr(self, "_napari_bar", None)
+        bar = self._napari_bar
         if bar is not None:
             if bar.total != total:
                 bar.total = total
@@ -567,15 +658,22 @@ class AnnotationWidget(QWidget):
             return
         self._worker = None
         self.cancel_btn.setEnabled(False)
+        self.progress_bar.setFormat("")
+        self.progress_bar.setValue(0)
         if self._napari_bar is not None:
             self._napari_bar.close()
             self._napari_bar = None
 
     def cancel(self) -> None:
         self._cancel.set()
-        self._message(f"cancelling {getattr(self, '_what', '')}…")
+        self._message(f"cancelling {self._what}…")
 
     # ------------------------------------------------------------------ messages
+    def _on_saved(self, text: str, is_error: bool) -> None:
+        self.save_label.setText(text)
+        if is_error:
+            self._error(text)
+
     def _message(self, text: str) -> None:
         self.status.setText(text)
 
@@ -590,9 +688,33 @@ class AnnotationWidget(QWidget):
 
         show_warning(text)
 
-    def _browse_store(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Corrections store")
-        if path:
-            self.store_edit.setText(path)
-            if self.session is not None:
-                self.session.store = Path(path)
+    # ------------------------------------------------------------------ teardown
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        """Save what is not saved yet, then release every event, key and thread the widget took."""
+        self._save_timer.stop()
+        self._edit_timer.stop()
+        if self.session is not None and self.annotation_layer is not None:
+            self._collect_edits()
+            self.save()
+        if self._worker is not None:
+            self._worker.quit()
+        self._release()
+        super().closeEvent(event)
+
+
+def _release(viewer, connections: list, saver: ThreadPoolExecutor, cancel: threading.Event) -> None:
+    """Undo what the widget connected. A plain function: it also runs from `destroyed`, when
+    napari deletes the widget with its window without closing it first."""
+    cancel.set()
+    while connections:
+        emitter, callback = connections.pop()
+        try:
+            emitter.disconnect(callback)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # its layer is already gone
+    for key in _KEYS:
+        try:
+            viewer.bind_key(key, None)
+        except (KeyError, ValueError):
+            pass
+    saver.shutdown(wait=True)  # the last save finishes

@@ -48,7 +48,7 @@ def test_bad_case_shows_a_notification_and_opens_nothing(make_napari_viewer, tmp
 def test_sample_data_opens_a_full_size_synthetic_case(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-unet", "synthetic_brats")
-    assert [layer.name for layer in viewer.layers][-1] == "synthetic_000 tumour"
+    assert [layer.name for layer in viewer.layers][-1] == "synthetic_sample tumour"
     assert viewer.layers["FLAIR"].data.shape == (155, 240, 240)
 
 

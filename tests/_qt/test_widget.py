@@ -1,4 +1,5 @@
-"""The annotation loop through the real dock widget, the real default model and napari's Labels API."""
+"""The annotation loop through the real dock widget's buttons and keys, the real shipped model
+and napari's Labels API; every test asserts what the store holds or what is shown."""
 
 from __future__ import annotations
 
@@ -6,151 +7,336 @@ import json
 
 import numpy as np
 import pytest
+from conftest import WAIT, shown_label_pixels, tumour_slice
+from qtpy.QtCore import Qt
 
 from napari_unet._qt.widget import AnnotationWidget
 from napari_unet.cases import read_case
+from napari_unet.labels import EDEMA, ENHANCING
 from napari_unet.metrics import dice
 from napari_unet.synth import BRATS_SHAPE
 
-WAIT = 120_000  # ms; generous for a loaded 2-core CI machine
+
+def _store_record(case_dir) -> dict | None:
+    path = case_dir / "corrections.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _stored_labels(case_dir) -> np.ndarray:
+    return read_case(case_dir).labels
+
+
+def _wait_saved(qtbot, case_dir, check):
+    def saved():
+        record = _store_record(case_dir)
+        return record is not None and check(record, _stored_labels(case_dir))
+
+    qtbot.waitUntil(saved, timeout=WAIT)
 
 
 @pytest.fixture
-def shifted_case(dataset_factory):
-    """One full-size case of the other scanner's appearance, on disk."""
-    return dataset_factory("brats2021", cases=1, seed=31, shape=BRATS_SHAPE, shift=1.0)[0]
-
-
-@pytest.fixture
-def annotator(make_napari_viewer, shifted_case, tmp_path, qtbot):
-    viewer = make_napari_viewer()
-    widget = AnnotationWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.store_edit.setText(str(tmp_path / "store"))
-    viewer.open(shifted_case, plugin="napari-unet")
+def annotator(make_napari_viewer, case_a, tmp_path, qtbot, dock_from_plugins_menu):
+    """A case opened with File > Open, then the widget docked from the Plugins menu (shown: the
+    canvas is rendered, so tests can check what the annotator sees)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.open(case_a, plugin="napari-unet")
+    widget = dock_from_plugins_menu(viewer)
+    widget.set_store(tmp_path / "store")
     qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
     return viewer, widget
 
 
-def _truth(viewer) -> np.ndarray:
-    """The segmentation that came with the case (hidden under the annotation)."""
-    return np.array(viewer.layers["BraTS2021_00001 tumour"].data)
+def _truth(viewer, widget) -> np.ndarray:
+    return np.array(viewer.layers[f"{widget.session.case_id} tumour"].data)
 
 
-def _wait_idle(qtbot, widget):
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT)
+# --------------------------------------------------------------------------- the whole loop
 
 
-def _unreviewed_wt_dice(labels, truth, reviewed) -> float:
-    keep = np.setdiff1d(np.arange(len(truth)), sorted(reviewed))
-    return dice(labels[keep] > 0, truth[keep] > 0)
-
-
-def test_propose_correct_review_save_finetune_repropose(annotator, qtbot, tmp_path):
-    viewer, widget = annotator
-    truth = _truth(viewer)
-    assert widget.session.case_id == "BraTS2021_00001"
+def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, dataset_factory, tmp_path, qtbot,
+                                                        wait_idle, press):
+    """A full-size case of another scanner's look, end to end, as an annotator does it."""
+    case_path = dataset_factory("brats2021", cases=1, seed=31, shape=BRATS_SHAPE, shift=1.0)[0]
+    viewer = make_napari_viewer()
+    widget = AnnotationWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.set_store(tmp_path / "store")
+    viewer.open(case_path, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    truth = _truth(viewer, widget)
     assert viewer.layers[-1] is widget.annotation_layer  # what is edited is on top
     assert not viewer.layers["BraTS2021_00001 tumour"].visible
 
-    widget.propose()
-    _wait_idle(qtbot, widget)
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
     layer = widget.annotation_layer
     first = np.array(layer.data)
     assert first.any() and dice(first > 0, truth > 0) > 0.3
-    assert "uncertainty" in viewer.layers
+    assert layer.visible and viewer.layers[-1] is layer
+    assert widget.progress_bar.text() == ""  # not left at "proposing 100%"
 
-    # Review next jumps to the most uncertain slice.
-    z_next = widget.review_next()
-    assert z_next is not None and widget.current_slice() == z_next
+    # Review next jumps to the most uncertain slice; pressed again, to the next one.
+    widget.next_btn.click()
+    z_next = widget.current_slice()
+    assert "voxels the model is unsure of" in widget.status.text()
+    press(viewer, "N")
+    assert widget.current_slice() != z_next
 
     # Paint corrections on two tumour slices through the Labels layer's own API.
     tumour_slices = np.flatnonzero((truth > 0).any(axis=(1, 2)))
     z1, z2 = int(tumour_slices[len(tumour_slices) // 3]), int(tumour_slices[2 * len(tumour_slices) // 3])
     for z in (z1, z2):
         widget.go_to_slice(z)
-        y, x = np.argwhere(truth[z] == 3)[0]
+        y, x = np.argwhere(truth[z] == ENHANCING)[0]
         layer.brush_size = 3
-        layer.paint((z, y, x), 3, refresh=True)  # a brush stroke of enhancing tumour
+        layer.paint((z, y, x), ENHANCING, refresh=True)  # a brush stroke of enhancing tumour
         wrong = np.nonzero(np.asarray(layer.data[z]) != truth[z])
         layer.data_setitem((np.full(len(wrong[0]), z),) + wrong, truth[z][wrong])  # the rest of the fix
-    qtbot.waitUntil(lambda: {z1, z2} <= widget.session.edited, timeout=WAIT)
+    qtbot.waitUntil(lambda: widget.reviewed_list.count() == 2, timeout=WAIT)
 
-    # Mark another slice reviewed without editing it.
+    # Mark another slice reviewed without editing it: the button marks the slice on screen.
     z3 = int(tumour_slices[len(tumour_slices) // 2])
     widget.go_to_slice(z3)
-    widget.toggle_reviewed()
+    widget.reviewed_btn.click()
     kept_z3 = np.array(layer.data[z3])
     assert widget.reviewed_list.count() == 3
 
     # Saved automatically: the store holds the case in its layout, with corrections.json.
     case_dir = tmp_path / "store" / "BraTS2021_00001"
-    corrections = case_dir / "corrections.json"
-    qtbot.waitUntil(lambda: corrections.exists() and len(json.loads(corrections.read_text())["reviewed_slices"]) == 3,
-                    timeout=WAIT)
-    record = json.loads(corrections.read_text())
-    assert sorted(record["reviewed_slices"]) == sorted([z1, z2, z3])  # BraTS: display axis = file axis
+    _wait_saved(qtbot, case_dir, lambda r, labels: sorted(r["reviewed_slices"]) == sorted([z1, z2, z3]))
+    record = _store_record(case_dir)
     assert sorted(record["edited_slices"]) == sorted([z1, z2])
-    stored = read_case(case_dir)
-    np.testing.assert_array_equal(stored.labels[[z1, z2]], truth[[z1, z2]])
+    assert record["model"] == "default"  # the model that made the proposals
+    np.testing.assert_array_equal(_stored_labels(case_dir)[[z1, z2]], truth[[z1, z2]])
     assert sorted(p.name for p in case_dir.iterdir()) == sorted(
         ["corrections.json"] + [f"BraTS2021_00001_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg")])
 
     # Fine-tune a few steps; the new model becomes current and re-proposes.
     widget.finetune(steps=8)
     qtbot.waitUntil(lambda: widget.model_path is not None, timeout=WAIT)
-    _wait_idle(qtbot, widget)  # the re-proposal
+    wait_idle(widget)  # the re-proposal
     assert widget.model_path.exists() and widget.model_path.parent.name == "store-models"
+    assert "fine-tuned in" in widget.status.text() and "proposed" in widget.status.text()
     assert len(widget.loss_plot.values) >= 1
     after = np.array(layer.data)
     np.testing.assert_array_equal(after[[z1, z2]], truth[[z1, z2]])  # the user's labels stayed
     np.testing.assert_array_equal(after[z3], kept_z3)
-    reviewed = {z1, z2, z3}
-    assert _unreviewed_wt_dice(after, truth, reviewed) >= _unreviewed_wt_dice(first, truth, reviewed) - 0.01
+    keep = np.setdiff1d(np.arange(len(truth)), [z1, z2, z3])
+    assert dice(after[keep] > 0, truth[keep] > 0) >= dice(first[keep] > 0, truth[keep] > 0) - 0.01
+    _wait_saved(qtbot, case_dir, lambda r, labels: r["model"] == str(widget.model_path))
 
-
-def test_reopening_the_case_restores_corrections_and_review(annotator, make_napari_viewer, shifted_case, qtbot, tmp_path):
-    viewer, widget = annotator
-    widget.propose(current_slice=True)
-    _wait_idle(qtbot, widget)
-    z = widget.current_slice()
-    widget.toggle_reviewed()
-    widget.save().result()
-    saved = np.array(widget.annotation_layer.data)
-
+    # A new window on the same case: the labels, the review and the fine-tuned model come back.
+    finetuned = widget.model_path
     viewer2 = make_napari_viewer()
+    viewer2.open(case_path, plugin="napari-unet")
     widget2 = AnnotationWidget(viewer2)
-    widget2.store_edit.setText(str(tmp_path / "store"))
-    viewer2.open(shifted_case, plugin="napari-unet")
+    widget2.set_store(tmp_path / "store")
+    viewer2.layers.clear()
+    viewer2.open(case_path, plugin="napari-unet")
     qtbot.waitUntil(lambda: widget2.annotation_layer is not None, timeout=WAIT)
-    assert widget2.session.reviewed == {z}
-    np.testing.assert_array_equal(widget2.annotation_layer.data, saved)
+    assert widget2.session.reviewed == {z1, z2, z3}
+    assert widget2.model_path == finetuned
+    np.testing.assert_array_equal(widget2.annotation_layer.data, after)
 
 
-def test_current_slice_proposal_touches_only_that_slice(annotator, qtbot):
+# --------------------------------------------------------------------------- every way in
+
+
+def _proposal_is_shown(viewer, widget, qtbot, wait_idle) -> None:
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    layer = widget.annotation_layer
+    # (the Plugins menu hands the widget a proxy of the viewer: compare layers by name)
+    assert layer.visible and viewer.layers[-1].name == layer.name
+    assert np.asarray(layer.data).any(), widget.status.text()
+    widget.go_to_slice(tumour_slice(layer.data))
+    qtbot.wait(50)
+    assert shown_label_pixels(viewer) > 20, "the proposal is not visible on the canvas"
+
+
+def test_file_open_then_dock_from_the_plugins_menu_shows_the_proposal(annotator, qtbot, wait_idle):
     viewer, widget = annotator
-    z = int(np.argmax((_truth(viewer) > 0).sum(axis=(1, 2))))
+    _proposal_is_shown(viewer, widget, qtbot, wait_idle)
+
+
+def test_dock_first_then_open_shows_the_proposal(make_napari_viewer, case_a, tmp_path, qtbot, wait_idle,
+                                                 dock_from_plugins_menu):
+    viewer = make_napari_viewer(show=True)
+    widget = dock_from_plugins_menu(viewer)
+    widget.set_store(tmp_path / "store")
+    assert widget.slice_label.text() == "no case open"
+    viewer.open(case_a, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    _proposal_is_shown(viewer, widget, qtbot, wait_idle)
+
+
+def test_sample_data_is_annotated_and_autosaved(make_napari_viewer, tmp_path, qtbot, wait_idle,
+                                                dock_from_plugins_menu):
+    viewer = make_napari_viewer(show=True)
+    widget = dock_from_plugins_menu(viewer)
+    widget.set_store(tmp_path / "store")
+    viewer.open_sample("napari-unet", "synthetic_brats")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    _proposal_is_shown(viewer, widget, qtbot, wait_idle)
+    widget.reviewed_btn.click()
+    z = widget.current_slice()
+    case_dir = tmp_path / "store" / "synthetic_sample"
+    _wait_saved(qtbot, case_dir, lambda r, labels: r["reviewed_slices"] == [z])
+    assert "could not save" not in widget.status.text()
+    stored = read_case(case_dir)
+    np.testing.assert_allclose(stored.images["flair"], viewer.layers["FLAIR"].data)
+
+
+def test_annotate_command_opens_the_case_with_the_widget(case_a, tmp_path, qtbot, wait_idle):
+    from napari_unet.app import open_viewer
+
+    viewer, widget = open_viewer(case_a, device="cpu", show=False)
+    try:
+        widget.set_store(tmp_path / "store")
+        assert widget.session is not None and widget.session.case_id == case_a.name
+        viewer.window.show()
+        _proposal_is_shown(viewer, widget, qtbot, wait_idle)
+    finally:
+        viewer.close()
+
+
+# --------------------------------------------------------------------------- what used to lose work
+
+
+def test_reopening_a_case_in_the_same_window_restores_its_corrections(annotator, case_a, tmp_path, qtbot,
+                                                                      wait_idle):
+    viewer, widget = annotator
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    truth = _truth(viewer, widget)
+    layer = widget.annotation_layer
+    z = tumour_slice(truth)
+    layer.data[z] = truth[z]
+    layer.refresh()  # an edit made through the array, noticed without a stroke
+    case_dir = tmp_path / "store" / case_a.name
+    _wait_saved(qtbot, case_dir, lambda r, labels: r["edited_slices"] == [z])
+
+    viewer.layers.clear()
+    qtbot.waitUntil(lambda: widget.session is None, timeout=WAIT)
+    assert widget.slice_label.text() == "no case open" and widget.reviewed_list.count() == 0
+    viewer.open(case_a, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    assert widget.session.reviewed == {z}
+    np.testing.assert_array_equal(widget.annotation_layer.data[z], truth[z])
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    widget.save().result()
+    np.testing.assert_array_equal(_stored_labels(case_dir)[z], truth[z])  # never replaced by nothing
+    assert _store_record(case_dir)["reviewed_slices"] == [z]
+
+
+def test_another_case_opened_takes_over_without_mixing(annotator, case_b, tmp_path, qtbot, wait_idle):
+    viewer, widget = annotator
+    a_id = widget.session.case_id
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    a_labels = np.array(widget.annotation_layer.data)
+    a_layer, a_flair = widget.annotation_layer, viewer.layers["FLAIR"]
+
+    # Only case B's FLAIR: the widget moves to B and never borrows A's other modalities.
+    viewer.open(next(case_b.glob("*_flair.nii.gz")), plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.session is not None and widget.session.case_id == case_b.name, timeout=WAIT)
+    assert "now annotating" in widget.status.text() or widget.session.case_id in widget.status.text()
+    assert not a_layer.visible and not a_flair.visible and viewer.layers[-1].visible
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    assert "missing t1" in widget.status.text()
+    np.testing.assert_array_equal(a_layer.data, a_labels)
+    assert (tmp_path / "store" / a_id / "corrections.json").exists()  # A was saved on leaving
+
+    # The whole of case B: its own layers, on top and visible.
+    viewer.layers.clear()
+    viewer.open(case_b, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    assert widget.session.case_id == case_b.name
+    assert [l.name for l in viewer.layers if l.name.startswith("T1")] == ["T1", "T1CE"]  # no "T1 [1]"
+
+
+def test_undo_is_saved(annotator, tmp_path, qtbot, case_a):
+    viewer, widget = annotator
+    layer = widget.annotation_layer
+    z = 30
     widget.go_to_slice(z)
-    widget.propose(current_slice=True)
-    _wait_idle(qtbot, widget)
+    layer.brush_size = 5
+    layer.paint((z, 40, 40), EDEMA, refresh=True)
+    case_dir = tmp_path / "store" / case_a.name
+    _wait_saved(qtbot, case_dir, lambda r, labels: labels[z].any())
+    layer.undo()
+    _wait_saved(qtbot, case_dir, lambda r, labels: not labels[z].any())
+
+
+def test_only_the_tissue_labels_can_be_painted(annotator, tmp_path, qtbot, press, case_a):
+    viewer, widget = annotator
+    layer = widget.annotation_layer
+    layer.selected_label = 4  # napari's "new label" button does this
+    assert layer.selected_label == ENHANCING and "not a tumour label" in widget.status.text()
+    press(viewer, "2", modifier=Qt.AltModifier)
+    assert layer.selected_label == EDEMA
+    widget.label_buttons[ENHANCING].click()
+    assert layer.selected_label == ENHANCING and layer.mode == "paint"
+    z = 20
+    layer.data_setitem((np.full(4, z), np.arange(40, 44), np.full(4, 40)), 4)  # a BraTS user's 4
+    case_dir = tmp_path / "store" / case_a.name
+    _wait_saved(qtbot, case_dir, lambda r, labels: (labels[z] == ENHANCING).sum() == 4)
+    assert "could not save" not in widget.status.text()
+
+
+def test_an_unmarked_slice_takes_a_fresh_proposal(annotator, qtbot, wait_idle, press):
+    viewer, widget = annotator
+    layer = widget.annotation_layer
+    z = tumour_slice(_truth(viewer, widget))
+    widget.go_to_slice(z)
+    layer.data_setitem((np.array([z]), np.array([1]), np.array([1])), EDEMA)  # an edit: slice protected
+    qtbot.waitUntil(lambda: z in widget.session.edited, timeout=WAIT)
+    widget.propose_slice_btn.click()
+    wait_idle(widget)
+    assert np.asarray(layer.data[z]).sum() == EDEMA  # kept as edited
+    press(viewer, "R")  # Shift-R: unmark
+    assert z not in widget.session.reviewed
+    widget.propose_slice_btn.click()
+    wait_idle(widget)
+    assert (np.asarray(layer.data[z]) > 0).sum() > 10
+
+
+def test_current_slice_proposal_touches_only_that_slice(annotator, wait_idle):
+    viewer, widget = annotator
+    z = tumour_slice(_truth(viewer, widget))
+    widget.go_to_slice(z)
+    widget.propose_slice_btn.click()
+    wait_idle(widget)
     data = np.asarray(widget.annotation_layer.data)
     assert data[z].any() and not np.delete(data, z, axis=0).any()
 
 
-def test_cancel_leaves_the_labels_as_they_were(annotator, qtbot):
+def test_cancel_leaves_the_labels_as_they_were(annotator, wait_idle):
     viewer, widget = annotator
-    widget.propose()
-    widget.cancel()
-    _wait_idle(qtbot, widget)
+    widget.propose_volume_btn.click()
+    widget.cancel_btn.click()
+    wait_idle(widget)
     assert not np.asarray(widget.annotation_layer.data).any()
     assert "cancelled" in widget.status.text()
 
 
-def test_a_bad_model_file_is_a_notification_not_a_crash(annotator, qtbot, tmp_path):
+def test_a_bad_model_file_is_a_notification_not_a_crash(annotator, wait_idle, tmp_path):
     viewer, widget = annotator
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a model")
     widget.set_model(bad)
-    widget.propose()
-    _wait_idle(qtbot, widget)
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
     assert "bad.safetensors" in widget.status.text() and "not a safetensors model" in widget.status.text()
+
+
+def test_closing_the_widget_saves_and_releases_keys(annotator, tmp_path, qtbot, case_a):
+    viewer, widget = annotator
+    layer = widget.annotation_layer
+    layer.data_setitem((np.array([25]), np.array([40]), np.array([40])), EDEMA)
+    widget.close()
+    case_dir = tmp_path / "store" / case_a.name
+    assert _stored_labels(case_dir)[25, 40, 40] == EDEMA
+    assert not any("Shift-R" in str(k) for k in viewer.keymap)

@@ -1,0 +1,295 @@
+"""Hard inputs: fuzzed headers, bad values, hostile model files, bad arguments, a kill mid-save.
+
+Each path must end in the project's own error (a message naming the file) or a correct result,
+never a traceback from inside numpy, nibabel or torch, and never lose saved work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from napari_unet import NapariUnetError
+from napari_unet.cases import read_case, read_labels
+from napari_unet.cli import main
+from napari_unet.modelfile import META_KEY, load_model, make_metadata
+from napari_unet.unet import UNet, UNetConfig
+
+# --------------------------------------------------------------------------- headers
+
+
+def _tiny_nifti(path: Path) -> bytes:
+    data = np.zeros((8, 8, 6), np.int16)
+    data[2:6, 2:6, 1:5] = 100
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0]))
+    img.header.set_xyzt_units("mm")
+    nib.save(img, path)
+    return path.read_bytes()
+
+
+def test_fuzzed_headers_give_only_our_error(tmp_path):
+    """300 seeded mutations of a header's 348 bytes: read, or refuse with a message."""
+    original = _tiny_nifti(tmp_path / "orig_flair.nii")
+    rng = np.random.default_rng(1234)
+    # Fields that matter most get most of the mutations: dim, datatype, bitpix, pixdim, vox_offset,
+    # scl_slope/inter, qform/sform codes, quatern_*, srow_*.
+    hot = list(range(40, 56)) + list(range(70, 74)) + list(range(76, 112)) + list(range(112, 120)) + \
+        list(range(252, 256)) + list(range(256, 348))
+    outcomes = {"read": 0, "refused": 0}
+    path = tmp_path / "BraTS_fuzz_flair.nii"
+    for trial in range(300):
+        raw = bytearray(original)
+        for _ in range(int(rng.integers(1, 6))):
+            i = int(rng.choice(hot)) if rng.random() < 0.8 else int(rng.integers(0, 348))
+            raw[i] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(raw))
+        try:
+            case = read_case(path)
+            assert all(np.isfinite(v).all() for v in case.images.values())
+            outcomes["read"] += 1
+        except NapariUnetError as err:
+            assert str(path) in str(err), err
+            outcomes["refused"] += 1
+    assert outcomes["read"] > 0 and outcomes["refused"] > 0, outcomes
+
+
+def _header_case(tmp_path, mutate) -> Path:
+    path = tmp_path / "case_flair.nii"
+    _tiny_nifti(path)
+    img = nib.load(path)
+    header = img.header.copy()
+    data, affine = mutate(np.asarray(img.dataobj), header, img.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine, header), path)
+    return path
+
+
+def _set_dims(path: Path, dims) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[40:56] = np.array([3, *dims, 1, 1, 1, 1], "<i2").tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def test_huge_declared_dims_are_refused_before_allocating(tmp_path):
+    path = tmp_path / "big_flair.nii"
+    _tiny_nifti(path)
+    _set_dims(path, (30000, 30000, 30000))
+    with pytest.raises(NapariUnetError, match="no MRI volume"):
+        read_case(path)
+
+
+@pytest.mark.parametrize("affine_value, message", [(np.nan, "NaN"), (0.0, "singular")])
+def test_a_nan_or_singular_sform_is_named(tmp_path, affine_value, message):
+    path = tmp_path / "case_flair.nii"
+    raw = bytearray(_tiny_nifti(path))
+    raw[252:256] = np.array([0, 1], "<i2").tobytes()  # qform_code 0, sform_code 1: the sform rules
+    for row, offset in enumerate((280, 296, 312)):  # srow_x, srow_y, srow_z
+        raw[offset:offset + 12] = np.full(3, affine_value, "<f4").tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(NapariUnetError, match=message):
+        read_case(path)
+
+
+def test_nan_voxels_are_refused_with_their_count(tmp_path):
+    path = tmp_path / "nan_flair.nii.gz"
+    data = np.ones((8, 8, 6), np.float32)
+    data[0, 0, :3] = np.nan
+    data[1, 1, 1] = np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(NapariUnetError, match="4 voxel"):
+        read_case(path)
+
+
+def test_a_non_zero_background_is_warned_about(tmp_path):
+    path = tmp_path / "z_flair.nii.gz"
+    data = np.full((16, 16, 8), -1.2, np.float32)
+    data[4:12, 4:12, 2:6] = 1.0
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    case = read_case(path)
+    assert case.warnings and "background is not 0" in case.warnings[0]
+
+
+def test_spacing_comes_from_the_affine_when_pixdim_is_zero(tmp_path):
+    def mutate(data, header, affine):
+        affine[:3, :3] = np.diag([2.5, 2.5, 2.5])
+        return data, affine
+
+    path = _header_case(tmp_path, mutate)
+    raw = bytearray(path.read_bytes())
+    raw[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1:4] = 0, as some writers leave it (nibabel reads 1)
+    path.write_bytes(bytes(raw))
+    assert read_case(path).spacing == (2.5, 2.5, 2.5)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder")
+def test_an_unreadable_folder_is_named(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0)
+    try:
+        with pytest.raises(NapariUnetError, match="cannot list"):
+            read_case(folder)
+    finally:
+        folder.chmod(0o755)
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def _model_file(tmp_path, edit) -> Path:
+    config = UNetConfig(base_channels=4, depth=2, padding="same", norm="batch")
+    meta = make_metadata(config)
+    edit(meta)
+    path = tmp_path / "m.safetensors"
+    state = {k: v.contiguous() for k, v in UNet(config).state_dict().items()}
+    save_file(state, str(path), metadata={META_KEY: meta if isinstance(meta, str) else json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(format_version="1"), "format_version"),
+    (lambda m: m.update(architecture="unet"), "'architecture'"),
+    (lambda m: m["architecture"].update(depth=40), "depth"),
+    (lambda m: m["architecture"].update(base_channels=100_000), "base_channels"),
+    (lambda m: m["architecture"].update(base_channels=True), "base_channels"),
+    (lambda m: m.update(normalisation=None), "'normalisation'"),
+    (lambda m: m.pop("normalisation"), "'normalisation'"),
+    (lambda m: m["normalisation"].update(margin=-1000), "margin"),
+    (lambda m: m["normalisation"].update(margin="4"), "margin"),
+    (lambda m: m.update(training=[1, 2]), "'training'"),
+    (lambda m: m.pop("label_convention"), "label_convention"),
+    (lambda m: m.update(modalities=["t1", "t1", "t2", "flair"]), "modalities"),
+])
+def test_model_metadata_is_checked_against_the_schema_before_building(tmp_path, edit, message):
+    path = _model_file(tmp_path, edit)
+    started = time.perf_counter()
+    with pytest.raises(NapariUnetError, match=message) as err:
+        load_model(path)
+    assert str(path) in str(err.value) and time.perf_counter() - started < 5
+
+
+def test_deeply_nested_metadata_is_refused(tmp_path):
+    config = UNetConfig(base_channels=4, depth=2, padding="same", norm="batch")
+    path = tmp_path / "deep.safetensors"
+    state = {k: v.contiguous() for k, v in UNet(config).state_dict().items()}
+    save_file(state, str(path), metadata={META_KEY: "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(NapariUnetError, match="not a model's"):
+        load_model(path)
+
+
+def test_a_pt_that_unpacks_to_gigabytes_is_refused_unread(tmp_path, monkeypatch):
+    import napari_unet.modelfile as modelfile
+
+    monkeypatch.setattr(modelfile, "MAX_UNPACKED_BYTES", 10 * 2**20)  # the same check at a small scale
+    path = tmp_path / "bomb.pt"
+    torch.save({"state_dict": {"w": torch.zeros(4 * 2**20)}, "metadata": {}}, path)  # 16 MB of zeros
+    assert path.stat().st_size > 10 * 2**20  # (torch stores uncompressed: the zip lists the true size)
+    with pytest.raises(NapariUnetError, match="unpacks to"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("kind, message", [("empty", "is empty"), ("folder", "is a folder")])
+def test_an_empty_or_folder_pt_says_so(tmp_path, kind, message):
+    path = tmp_path / "m.pt"
+    path.mkdir() if kind == "folder" else path.write_bytes(b"")
+    with pytest.raises(NapariUnetError, match=message):
+        load_model(path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "X", "--out", "O", "--batch-size", "-1"],
+    ["finetune", "S", "--out", "o.safetensors", "--steps", "-5"],
+    ["train", "D", "--out", "o.safetensors", "--val-fraction", "1.5"],
+    ["train", "D", "--out", "o.safetensors", "--lr", "nan"],
+    ["synth", "O", "--cases", "0"],
+])
+def test_nonsense_numbers_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "argument" in capsys.readouterr().err
+
+
+def test_outputs_that_cannot_be_written_are_named(dataset_factory, tmp_path, capsys):
+    case = dataset_factory("brats2021", cases=1)[0]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["predict", str(case), "--out", str(a_file)]) == 2
+    assert "is a file; --out must be a folder" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["evaluate", str(case), str(case), "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_prediction_on_another_grid(dataset_factory, tmp_path, capsys):
+    case = dataset_factory("brats2021", cases=1)[0]
+    seg = next(case.glob("*_seg.nii.gz"))
+    img = nib.load(seg)
+    shifted_affine = img.affine.copy()
+    shifted_affine[0, 3] += 10
+    shifted = tmp_path / f"{case.name}.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted_affine, img.header), shifted)
+    assert main(["evaluate", str(shifted), str(case)]) == 2
+    assert "10.0 mm away" in capsys.readouterr().err
+    # The same labels in another voxel order but on the same grid are fine.
+    reoriented = tmp_path / "r" / f"{case.name}.nii.gz"
+    reoriented.parent.mkdir()
+    nib.save(img.as_reoriented([[2, 1], [1, 1], [0, -1]]), reoriented)
+    assert main(["evaluate", str(reoriented), str(case)]) == 0
+    assert read_labels(reoriented)[0].shape == read_labels(seg)[0].shape
+
+
+# --------------------------------------------------------------------------- a kill while saving
+
+_SAVER = """
+import sys, numpy as np
+from napari_unet.cases import read_case
+from napari_unet.session import AnnotationSession
+case = read_case(sys.argv[1])
+session = AnnotationSession(case.source, case.images, sys.argv[2])
+labels = session.open_labels()
+print("ready", flush=True)
+i = 0
+while True:  # alternate two states until killed
+    labels[:] = case.labels if i % 2 else 0
+    session.set_reviewed(3, bool(i % 2))
+    session.save(session.snapshot(labels))
+    i += 1
+"""
+
+
+def test_a_kill_while_saving_leaves_the_store_as_before_or_after(dataset_factory, tmp_path):
+    from napari_unet.session import AnnotationSession
+
+    case_path = dataset_factory("brats2021", cases=1)[0]
+    case = read_case(case_path)
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    rng = np.random.default_rng(7)
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(case_path), str(store)], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.2, 1.0)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        session = AnnotationSession(case.source, case.images, store)
+        labels = session.open_labels()  # reads back without error, never a temp file
+        assert np.array_equal(labels, case.labels) or not labels.any()
+        assert session.reviewed in (set(), {3})
+    leftovers = [p for p in (store / case.case_id).iterdir() if p.name.startswith(".")]
+    session.save(session.snapshot(labels))  # the next save clears what a kill left
+    assert not [p for p in leftovers if p.exists()]
