@@ -104,7 +104,7 @@ def main() -> None:
                     session.save(session.snapshot(labels))
             start = time.perf_counter()
             reviewing = next(s for s in sessions if s.reviewed)
-            out = reviewing.finetune(device="cpu").path  # the widget's fine-tune: FINETUNE_DEFAULTS
+            out = reviewing.finetune(device="cpu").path  # the widget's fine-tune
             seconds = time.perf_counter() - start
             for session in sessions:
                 session.set_model(out)

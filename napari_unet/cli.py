@@ -170,16 +170,9 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _settings(args, defaults: dict):
-    from training.loop import Settings
-
-    values = dict(defaults)
-    for key in ("steps", "batch_size", "patch", "lr", "seed", "device", "val_every", "checkpoint_every", "workers",
-                "precision"):
-        value = getattr(args, key, None)
-        if value is not None:
-            values[key] = value
-    return Settings(**values)
+def _settings(args, base):
+    """`base` (training.loop.Settings) with the options given on the command line."""
+    return base.updated(**vars(args))
 
 
 def _cmd_train(args) -> int:
@@ -195,7 +188,9 @@ def _cmd_train(args) -> int:
         config = UNetConfig(base_channels=args.base_channels, depth=args.depth, padding=args.padding, norm=args.norm)
     except ValueError as err:
         raise NapariUnetError(f"the network asked for: {err}") from None
-    settings = _settings(args, {"checkpoint_every": 100})
+    from training.loop import Settings
+
+    settings = _settings(args, Settings(checkpoint_every=100))
     if args.epochs is not None:  # an epoch is --steps-per-epoch steps, validated at its end
         settings.steps = args.epochs * args.steps_per_epoch
         settings.val_every = args.steps_per_epoch
@@ -235,13 +230,13 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from training.loop import FINETUNE_DEFAULTS, finetune
+    from training.loop import FINETUNE, finetune
 
     existed = _output_file(args.out, "model file").exists()
     with progress_bar("fine-tuning", "step") as update:
         result = finetune(
             args.store, args.model, args.out,
-            settings=_settings(args, FINETUNE_DEFAULTS),
+            settings=_settings(args, FINETUNE),
             replay=args.replay, progress=update,
         )
     note = " (stopped early: no more improvement)" if result.stopped_early else ""

@@ -245,10 +245,10 @@ class AnnotationSession:
         """Fine-tune the current model on the store (save first); the result becomes current."""
         if not self.reviewed:
             raise NapariUnetError("review or correct some slices first: only reviewed slices teach the model")
-        from training.loop import FINETUNE_DEFAULTS, Settings, finetune
+        from training.loop import FINETUNE, finetune
 
-        settings = Settings(**{**FINETUNE_DEFAULTS, "device": device, **({"steps": steps} if steps else {})})
-        result = finetune(self.store, self.model_path, self.finetuned_model_path(), settings=settings,
+        result = finetune(self.store, self.model_path, self.finetuned_model_path(),
+                          settings=FINETUNE.updated(device=device, steps=steps),
                           cancel=cancel, progress=progress)
         self.set_model(result.path)
         return result

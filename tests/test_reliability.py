@@ -131,16 +131,25 @@ def test_spacing_comes_from_the_affine_when_pixdim_is_zero(tmp_path):
     assert read_case(path).spacing == (2.5, 2.5, 2.5)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder")
-def test_an_unreadable_folder_is_named(tmp_path):
+def test_an_unreadable_folder_is_named(tmp_path, monkeypatch):
+    from napari_unet._reader import get_reader, read_case_layers
+
     folder = tmp_path / "locked"
     folder.mkdir()
-    folder.chmod(0)
-    try:
-        with pytest.raises(NapariUnetError, match="cannot list"):
-            read_case(folder)
-    finally:
-        folder.chmod(0o755)
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):  # what listing a folder without read permission does (also as root)
+        if self == folder:
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(NapariUnetError, match="cannot list the folder"):
+        read_case(folder)
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    assert get_reader(str(folder)) is read_case_layers  # claimed, so the user hears why
+    assert read_case_layers(str(folder)) == [(None,)] and "cannot list" in shown[0]
 
 
 # --------------------------------------------------------------------------- model files

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,11 @@ class Settings:
     optimizer: str = "adamw"  # "adamw" (training) or "sgd" (fine-tuning: steps shrink with the error)
     workers: int = 0  # DataLoader worker processes making patches (0: in the training process)
     precision: str = "auto"  # "auto" (fp16 + loss scaling on pre-Ampere GPUs, bf16 on newer ones, fp32 on CPU), "fp32"
+
+    def updated(self, **overrides) -> "Settings":
+        """A copy with the values given (None keeps this one's; names not settings are ignored)."""
+        names = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in overrides.items() if k in names and v is not None})
 
 
 @dataclass
@@ -457,8 +462,9 @@ def self_replay(loaded: LoadedModel, cases: list[TrainCase], device: str = "cpu"
     return replay
 
 
-FINETUNE_DEFAULTS = dict(steps=60, batch_size=8, patch=128, lr=3e-4, warmup=5, early_stop_patience=25, replay_fraction=0.5,
-                         freeze_batchnorm=True)
+# Fine-tuning on a few reviewed slices: short, gentle, stopping early, mixing in earlier data.
+FINETUNE = Settings(steps=60, batch_size=8, patch=128, lr=3e-4, warmup=5, early_stop_patience=25, replay_fraction=0.5,
+                    freeze_batchnorm=True)
 
 
 def finetune(
@@ -473,7 +479,7 @@ def finetune(
     log=None,
 ) -> Result:
     """Fine-tune BASE on the reviewed slices of a corrections store; BASE is never modified."""
-    settings = settings or Settings(**FINETUNE_DEFAULTS)
+    settings = settings or FINETUNE
     out = Path(out)
     base_path = Path(base) if base is not None else None
     loaded = load_model(base_path)

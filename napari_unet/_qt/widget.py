@@ -79,6 +79,17 @@ def _emit(signal, *args) -> None:
         pass
 
 
+def _prefer_our_reader_for_nifti() -> None:
+    """napari's built-in reader claims every file but cannot read NIfTI, and is tried first: make
+    napari-unet the reader of .nii/.nii.gz files, unless the user chose another."""
+    from napari.settings import get_settings
+
+    preferences = get_settings().plugins.extension2reader
+    missing = {pattern: "napari-unet" for pattern in ("*.nii", "*.nii.gz") if pattern not in preferences}
+    if missing:
+        get_settings().plugins.extension2reader = {**preferences, **missing}
+
+
 def _case_key(source) -> tuple[str, str]:
     return source.case_id, source.path
 
@@ -118,6 +129,7 @@ class AnnotationWidget(QWidget):
             handler = (lambda v, a=action: getattr(self, a)()) if isinstance(action, str) \
                 else (lambda v, a=action: self.select_label(a))
             self.viewer.bind_key(key, handler, overwrite=True)
+        _prefer_our_reader_for_nifti()
         self._attach()
 
     # ------------------------------------------------------------------ layout

@@ -165,6 +165,9 @@ def test_dock_first_then_open_shows_the_proposal(make_napari_viewer, case_a, tmp
     widget = dock_from_plugins_menu(viewer)
     widget.set_store(tmp_path / "store")
     assert widget.slice_label.text() == "no case open"
+    viewer.open(next(case_a.glob("*_flair.nii.gz")))  # no plugin named: napari-unet reads NIfTI
+    assert viewer.layers[-1].name == "FLAIR"
+    viewer.layers.clear()
     viewer.open(case_a, plugin="napari-unet")
     qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
     _proposal_is_shown(viewer, widget, qtbot, wait_idle)
