@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -352,7 +351,7 @@ def _check_values(data: np.ndarray, path: Path) -> None:
             raise NapariUnetError(f"{path}: {bad} voxel(s) are NaN or infinite; fix or mask them before opening")
 
 
-def background_warning(images: dict[str, np.ndarray], path) -> str | None:
+def _background_warning(images: dict[str, np.ndarray], path) -> str | None:
     """A warning when the background is not 0, which the brain finding relies on for now."""
     for modality, image in images.items():
         sample = image[::4, ::4, ::4]  # a subsample: the background is most of the volume
@@ -470,7 +469,7 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
     labels = None
     if seg_raw is not None:
         labels = source.to_display(to_canonical(seg_raw, source.convention, str(files.seg)))
-    warning = background_warning(images, files.path)
+    warning = _background_warning(images, files.path)
     return Case(files.case_id, images, labels, source, [warning] if warning else [])
 
 

@@ -65,3 +65,54 @@ def tiny_model(tmp_path_factory, dataset_factory):
         val_fraction=0.0,
     )
     return out, result
+
+
+# --------------------------------------------------------------------------- the Qt tests (tests/_qt)
+# Here rather than in tests/_qt/conftest.py: two modules named conftest would shadow each other
+# for `from conftest import ...`. Qt is imported only inside the fixtures.
+MEDIUM = (96, 96, 62)  # big enough for the shipped model to see the tumour, small enough to be quick
+WAIT = 120_000  # ms; generous for a loaded 2-core CI machine
+
+
+@pytest.fixture
+def case_a(dataset_factory):
+    return dataset_factory("brats2021", cases=2, seed=5, shape=MEDIUM)[0]
+
+
+@pytest.fixture
+def case_b(dataset_factory):
+    return dataset_factory("brats2021", cases=2, seed=5, shape=MEDIUM)[1]
+
+
+@pytest.fixture
+def wait_idle(qtbot):
+    def wait(widget):
+        qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT)
+        qtbot.wait(20)  # queued signals (messages, edits) land
+
+    return wait
+
+
+@pytest.fixture
+def dock_from_plugins_menu():
+    """What Plugins > Tumour annotation (U-Net) does."""
+    from napari_unet._qt.widget import WIDGET_NAME
+
+    def dock(viewer):
+        _, widget = viewer.window.add_plugin_dock_widget("napari-unet", WIDGET_NAME)
+        return widget
+
+    return dock
+
+
+@pytest.fixture
+def press(qtbot):
+    """A key press on the viewer's canvas, as the annotator types it."""
+    from qtpy.QtCore import Qt
+
+    def press(viewer, key: str, modifier=Qt.ShiftModifier):
+        canvas = viewer.window._qt_viewer.canvas.native
+        canvas.setFocus()
+        qtbot.keyClick(canvas, getattr(Qt, f"Key_{key}"), modifier)
+
+    return press

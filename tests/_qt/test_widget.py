@@ -7,7 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import WAIT, shown_label_pixels, tumour_slice
+from conftest import WAIT
+from viewing import shown_label_pixels, tumour_slice
 from qtpy.QtCore import Qt
 
 from napari_unet._qt.widget import AnnotationWidget
@@ -165,8 +166,8 @@ def test_dock_first_then_open_shows_the_proposal(make_napari_viewer, case_a, tmp
     widget = dock_from_plugins_menu(viewer)
     widget.set_store(tmp_path / "store")
     assert widget.slice_label.text() == "no case open"
-    viewer.open(next(case_a.glob("*_flair.nii.gz")))  # no plugin named: napari-unet reads NIfTI
-    assert viewer.layers[-1].name == "FLAIR"
+    viewer.open(next(case_a.glob("*_flair.nii.gz")), plugin=None)  # as File > Open and drops do: no reader named
+    assert "FLAIR" in [layer.name for layer in viewer.layers]
     viewer.layers.clear()
     viewer.open(case_a, plugin="napari-unet")
     qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
