@@ -41,6 +41,7 @@ _SUFFIXES["brats2021"] = _SUFFIXES["brats2020"]
 MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_MASK_SUFFIXES = ("_brainmask", "_brain_mask", "-brainmask", "_mask")
 
 
 def case_id_of(path: Path) -> str:
@@ -69,10 +70,11 @@ class CaseSource:
     label_dtype: str
     spacing: list[float]  # mm, in display order
     files: dict[str, str] = field(default_factory=dict)
+    label_convention: str = ""  # when the file's values are not its layout's (BraTS 2013-2015 files)
 
     @property
     def convention(self) -> str:
-        return LAYOUT_CONVENTION[self.layout]
+        return self.label_convention or LAYOUT_CONVENTION[self.layout]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +166,7 @@ class CaseFiles:
     path: Path
     images: dict[str, Path]  # modality -> file (msd: every modality -> the 4D file)
     seg: Path | None
+    brain_mask: Path | None = None  # a brain mask that came with the images
 
 
 def _nifti_files(folder: Path) -> list[Path]:
@@ -188,7 +191,7 @@ def _find_in_folder(folder: Path) -> CaseFiles:
     layout = None
     if any(_match_suffix(s, "-t1n") or _match_suffix(s, "-t2f") for s in stems.values()):
         layout = "brats2023"
-    elif any(_match_suffix(s, "_flair") or _match_suffix(s, "_t1") for s in stems.values()):
+    elif any(_match_suffix(s, suffix) for s in stems.values() for suffix in ("_flair", "_t1", "_t1ce", "_t2")):
         layout = "brats2021" if folder.name.lower().startswith("brats2021") else "brats2020"
     if layout is None:
         names = ", ".join(p.name for p in files[:5])
@@ -198,18 +201,15 @@ def _find_in_folder(folder: Path) -> CaseFiles:
         )
     suffixes = _SUFFIXES[layout]
     images: dict[str, Path] = {}
-    for modality in MODALITIES:
+    for modality in MODALITIES:  # clinical protocols often lack one or two: any found are read
         hits = [p for p, s in stems.items() if _match_suffix(s, suffixes[modality])]
-        if not hits:
-            raise NapariUnetError(
-                f"{folder}: the {modality.upper()} image is missing "
-                f"(expected a file ending in {suffixes[modality]}.nii.gz)"
-            )
-        images[modality] = hits[0]
+        if hits:
+            images[modality] = hits[0]
     # One public BraTS 2020 case names its segmentation *_Segm.nii; accept any *seg* file.
     taken = set(images.values())
     segs = [p for p, s in stems.items() if p not in taken and "seg" in s.lower()]
-    return CaseFiles(layout, folder.name, folder, images, segs[0] if segs else None)
+    masks = [p for p, s in stems.items() if p not in taken and s.lower().endswith(_MASK_SUFFIXES)]
+    return CaseFiles(layout, folder.name, folder, images, segs[0] if segs else None, masks[0] if masks else None)
 
 
 def _msd_label_for(image: Path) -> Path | None:
@@ -351,6 +351,19 @@ def _check_values(data: np.ndarray, path: Path) -> None:
             raise NapariUnetError(f"{path}: {bad} voxel(s) are NaN or infinite; fix or mask them before opening")
 
 
+def _background_to_zero(data: np.ndarray) -> tuple[np.ndarray, float]:
+    """Images already z-scored (or shifted) have a constant, non-zero background: the most common
+    value, filling a good part of the volume. Shift it to 0, as the brain finding and the display
+    expect; the z-score inside the brain is unchanged. Returns (data, the shift or 0)."""
+    if data.dtype.kind not in "fiu" or data.size == 0:
+        return data, 0.0
+    values, counts = np.unique(data[::4, ::4, ::4], return_counts=True)
+    mode = values[np.argmax(counts)]
+    if mode == 0 or counts.max() < 0.2 * counts.sum():
+        return data, 0.0
+    return data.astype(np.float32) - np.float32(mode), float(mode)
+
+
 def _background_warning(images: dict[str, np.ndarray], path) -> str | None:
     """A warning when the background is not 0, which the brain finding relies on for now."""
     for modality, image in images.items():
@@ -447,6 +460,18 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
                 _same_geometry(ref_img, ref_path, img, file, data.shape)
             raw[modality] = data
 
+    notes = []
+    if files.brain_mask is not None and raw:
+        mask_raw, mask_img = _load(files.brain_mask)
+        mask_raw = _check_3d(mask_raw, files.brain_mask)
+        _same_geometry(ref_img, ref_path, mask_img, files.brain_mask, mask_raw.shape)
+        brain = np.asarray(mask_raw) > 0
+        raw = {m: np.where(brain, _background_to_zero(v)[0], 0) for m, v in raw.items()}
+    else:
+        for modality, data in list(raw.items()):
+            raw[modality], shifted = _background_to_zero(data)
+            if shifted:
+                notes.append(f"{files.path}: the {modality.upper()} background ({shifted:g}) is shown as 0")
     seg_raw = seg_img = None
     if files.seg is not None and with_labels:
         seg_raw, seg_img = _load(files.seg)
@@ -455,6 +480,10 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
             _same_geometry(ref_img, ref_path, seg_img, files.seg, seg_raw.shape)
     if ref_img is None and seg_img is None:
         raise NapariUnetError(f"{files.path}: nothing to read")
+    convention = ""
+    if seg_raw is not None and files.layout in ("brats2020", "brats2021"):
+        if 3 in np.unique(np.asarray(seg_raw)).tolist():  # BraTS 2013-2015 files also mark non-enhancing tumour
+            convention = "brats2015"
     geometry_img = ref_img if ref_img is not None else seg_img
     source = make_source(
         files.layout,
@@ -465,12 +494,16 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
         label_dtype=str(np.dtype(seg_img.get_data_dtype())) if seg_img is not None else "uint8",
         files={k: str(v) for k, v in files.images.items()} | ({"seg": str(files.seg)} if files.seg else {}),
     )
+    source.label_convention = convention
     images = {m: source.to_display(np.asarray(v, dtype=np.float32)) for m, v in raw.items()}
     labels = None
     if seg_raw is not None:
         labels = source.to_display(to_canonical(seg_raw, source.convention, str(files.seg)))
+    missing = [m.upper() for m in MODALITIES if m not in images]
+    if images and missing and files.layout != "single" and len(images) < len(MODALITIES):
+        notes.append(f"{files.path}: no {', '.join(missing)} image (it has {', '.join(m.upper() for m in images)})")
     warning = _background_warning(images, files.path)
-    return Case(files.case_id, images, labels, source, [warning] if warning else [])
+    return Case(files.case_id, images, labels, source, notes + ([warning] if warning else []))
 
 
 # --------------------------------------------------------------------------- writing
@@ -496,12 +529,29 @@ def labels_to_nifti(labels: np.ndarray, source: CaseSource, *, canonical: bool =
             f"labels of shape {labels.shape} do not match the case {source.case_id} {expected}"
         )
     values = from_canonical(labels, source.convention) if canonical else labels.astype(np.uint8)
+    if canonical and source.convention == "brats2015":
+        values = _keep_non_enhancing(values, source)
     header = source.nifti_header()
     dtype = np.dtype(source.label_dtype)
     header.set_data_dtype(dtype)
     header.set_slope_inter(None, None)
     img = nib.Nifti1Image(source.to_file(values).astype(dtype), np.asarray(source.affine), header)
     return img
+
+
+def _keep_non_enhancing(values: np.ndarray, source: CaseSource) -> np.ndarray:
+    """BraTS 2015 files tell non-enhancing tumour (3) from necrosis (1); canonical labels do not.
+    Where the source file held 3 and the label is still core, write 3 again (exact round trip)."""
+    seg = source.files.get("seg")
+    if not seg or not Path(seg).is_file():
+        return values
+    try:
+        original = source.to_display(np.asarray(nib.load(seg).dataobj))
+    except Exception:  # noqa: BLE001  (the source changed or went bad: necrosis is still right)
+        return values
+    if original.shape != values.shape:
+        return values
+    return np.where((original == 3) & (values == 1), np.uint8(3), values)
 
 
 def write_labels(labels: np.ndarray, source: CaseSource, out: str | os.PathLike, *, canonical: bool = True) -> Path:
@@ -571,8 +621,10 @@ def guess_convention(path: Path, values: np.ndarray | None = None) -> str:
         return "brats2020"
     if stem.startswith("BRATS_") or parent == "labelsTr":
         return "msd"
-    if values is not None and 4 in np.unique(values):
-        return "brats2020"
+    if values is not None:
+        found = np.unique(values).tolist()
+        if 4 in found:
+            return "brats2015" if 3 in found else "brats2020"
     return "canonical"
 
 

@@ -44,6 +44,10 @@ _CONVENTIONS: dict[str, dict[int, int]] = {
     "brats2020": {0: 0, 1: NECROTIC, 2: EDEMA, 4: ENHANCING},
     "brats2021": {0: 0, 1: NECROTIC, 2: EDEMA, 4: ENHANCING},
     "brats2023": {0: 0, 1: NECROTIC, 2: EDEMA, 3: ENHANCING},
+    # BraTS 2013-2015: 1 necrosis, 2 edema, 3 non-enhancing tumour, 4 enhancing. Non-enhancing
+    # tumour is part of the core (TC = 1, 3, 4): canonical 1. Written back, canonical 1 is 1, except
+    # where the source file held 3 (`cases.labels_to_nifti`), so an unchanged case round-trips.
+    "brats2015": {0: 0, 1: NECROTIC, 2: EDEMA, 3: NECROTIC, 4: ENHANCING},
     # Medical Segmentation Decathlon Task01: 1 edema, 2 non-enhancing tumour, 3 enhancing.
     "msd": {0: 0, 1: EDEMA, 2: NECROTIC, 3: ENHANCING},
     "canonical": {0: 0, 1: NECROTIC, 2: EDEMA, 3: ENHANCING},
@@ -85,7 +89,9 @@ def to_canonical(values: np.ndarray, convention: str, source: str = "labels") ->
 
 def from_canonical(labels: np.ndarray, convention: str) -> np.ndarray:
     """Map canonical labels to the values of `convention` (uint8)."""
-    inverse = {dst: src for src, dst in _CONVENTIONS[convention].items()}
+    inverse: dict[int, int] = {}
+    for src, dst in _CONVENTIONS[convention].items():
+        inverse.setdefault(dst, src)  # the first file value of a canonical label writes it
     arr = np.asarray(labels)
     bad = np.setdiff1d(np.unique(arr), list(inverse))
     if bad.size:

@@ -142,9 +142,84 @@ def _expect(path, *fragments):
     return message
 
 
-def test_missing_modality(good_case):
-    next(good_case.glob("*_t1ce.nii.gz")).unlink()
-    _expect(good_case, str(good_case), "T1CE", "missing")
+def test_a_case_with_some_modalities_missing_opens_and_says_which(good_case):
+    for m in ("t1", "t2"):
+        next(good_case.glob(f"*_{m}.nii.gz")).unlink()
+    case = read_case(good_case)
+    assert sorted(case.images) == ["flair", "t1ce"] and case.labels is not None
+    assert any("no T1, T2 image" in note for note in case.warnings)
+    with pytest.raises(NapariUnetError, match="missing t1, t2"):
+        from napari_unet.modelfile import load_model
+        from napari_unet.predict import Predictor
+
+        Predictor(load_model(None), "cpu").predict_case(case)
+
+
+def _rewrite(case_dir: Path, suffix: str, change) -> None:
+    path = next(case_dir.glob(f"*_{suffix}.nii.gz"))
+    img = nib.load(path)
+    data = change(np.asarray(img.dataobj))
+    header = img.header.copy()
+    header.set_data_dtype(data.dtype)
+    nib.save(nib.Nifti1Image(data, img.affine, header), path)
+
+
+def test_brats2015_labels_read_as_core_and_write_back_exactly(good_case, tmp_path):
+    """BraTS 2013-2015: 1 necrosis, 2 edema, 3 non-enhancing tumour, 4 enhancing, stored as float."""
+    reference = read_case(good_case).labels
+
+    def to_2015(seg):
+        out = seg.astype(np.float32)
+        core = np.argwhere(seg == 1)
+        out[tuple(core[: len(core) // 2].T)] = 3  # half the core is non-enhancing
+        return out
+
+    _rewrite(good_case, "seg", to_2015)
+    seg_file = next(good_case.glob("*_seg.nii.gz"))
+    case = read_case(good_case)
+    assert case.source.convention == "brats2015"
+    np.testing.assert_array_equal(case.labels, reference)  # 3 is tumour core: canonical 1
+    out = write_labels(case.labels, case.source, tmp_path / "back.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), np.asarray(nib.load(seg_file).dataobj))
+    assert nib.load(out).get_data_dtype() == np.float32
+
+
+def test_zscored_images_with_a_negative_background_are_shifted_to_zero(good_case):
+    reference = read_case(good_case)
+    for m in MODALITIES:
+        def zscore(data):
+            data = data.astype(np.float32)
+            brain = data != 0
+            out = np.full(data.shape, -1.7, np.float32)  # a negative constant outside the brain
+            out[brain] = (data[brain] - data[brain].mean()) / data[brain].std()
+            return out
+
+        _rewrite(good_case, m, zscore)
+    case = read_case(good_case)
+    assert not any("background is not 0" in w for w in case.warnings)
+    for m in MODALITIES:
+        np.testing.assert_array_equal(case.images[m] == 0, reference.images[m] == 0)
+    from napari_unet.preprocess import Normalisation, prepare
+
+    ours, _, _ = prepare(case.stack(), Normalisation())
+    theirs, _, _ = prepare(reference.stack(), Normalisation())
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)  # the model sees the same input
+
+
+def test_a_brain_mask_file_beside_the_images_sets_the_brain(good_case):
+    reference = read_case(good_case)
+    flair = next(good_case.glob("*_flair.nii.gz"))
+    img = nib.load(flair)
+    brain = np.asarray(img.dataobj) != 0
+    smaller = brain.copy()
+    smaller[: brain.shape[0] // 2] = False
+    nib.save(nib.Nifti1Image(smaller.astype(np.uint8), img.affine), good_case / f"{good_case.name}_brainmask.nii.gz")
+    _rewrite(good_case, "t1", lambda d: np.where(d == 0, 5, d).astype(d.dtype))  # a bright skull-like rim
+    case = read_case(good_case)
+    inside = case.source.to_display(smaller)
+    for m in MODALITIES:
+        assert not case.images[m][~inside].any()
+    np.testing.assert_array_equal(case.images["flair"][inside], reference.images["flair"][inside])
 
 
 def test_modalities_of_different_shapes(good_case):
@@ -193,9 +268,9 @@ def test_label_values_outside_the_convention(good_case):
     seg = next(good_case.glob("*_seg.nii.gz"))
     img = nib.load(seg)
     data = np.asarray(img.dataobj).copy()
-    data[0, 0, 0] = 3  # 3 is not a BraTS 2021 label (ET is 4)
+    data[0, 0, 0] = 6  # no BraTS label (3 is read as BraTS 2015's non-enhancing tumour)
     nib.save(nib.Nifti1Image(data, img.affine), seg)
-    _expect(good_case, seg.name, "3", "brats2021")
+    _expect(good_case, seg.name, "6", "brats2021")
 
 
 def test_empty_folder(tmp_path):

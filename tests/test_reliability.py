@@ -110,13 +110,17 @@ def test_nan_voxels_are_refused_with_their_count(tmp_path):
         read_case(path)
 
 
-def test_a_non_zero_background_is_warned_about(tmp_path):
+def test_a_constant_background_is_shifted_and_a_noisy_one_warned_about(tmp_path):
     path = tmp_path / "z_flair.nii.gz"
     data = np.full((16, 16, 8), -1.2, np.float32)
-    data[4:12, 4:12, 2:6] = 1.0
+    data[4:12, 4:12, 2:6] = np.linspace(-3, 3, 256, dtype=np.float32).reshape(8, 8, 4)
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
     case = read_case(path)
-    assert case.warnings and "background is not 0" in case.warnings[0]
+    assert any("background (-1.2) is shown as 0" in w for w in case.warnings)
+    assert np.count_nonzero(case.images["flair"]) == 256
+    noisy = np.random.default_rng(0).normal(500, 20, (16, 16, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(noisy, np.eye(4)), path)
+    assert any("background is not 0" in w for w in read_case(path).warnings)
 
 
 def test_spacing_comes_from_the_affine_when_pixdim_is_zero(tmp_path):

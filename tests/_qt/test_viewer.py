@@ -42,7 +42,7 @@ def test_bad_case_shows_a_notification_and_opens_nothing(make_napari_viewer, tmp
     viewer.open(tmp_path, plugin="napari-unet")
     assert len(viewer.layers) == 0
     assert len(shown) == 1
-    assert str(tmp_path) in shown[0] and "T1 image is missing" in shown[0]
+    assert "BraTS2021_00009_flair.nii.gz" in shown[0] and "not a NIfTI file" in shown[0]
 
 
 def test_sample_data_opens_a_full_size_synthetic_case(make_napari_viewer):
