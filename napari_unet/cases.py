@@ -605,7 +605,8 @@ def write_case_files(
         save_nifti(nifti(stacked), image_paths["flair"])
     else:
         for modality in MODALITIES:
-            save_nifti(nifti(np.asarray(images[modality]).astype(image_dtype)), image_paths[modality])
+            if modality in images:  # a case may lack some
+                save_nifti(nifti(np.asarray(images[modality]).astype(image_dtype)), image_paths[modality])
     if labels is not None:
         save_nifti(nifti(from_canonical(labels, LAYOUT_CONVENTION[layout])), seg_path)
     return image_paths, seg_path

@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--padding", choices=["same", "valid"], default="same")
     p.add_argument("--norm", choices=["none", "batch", "instance"], default="batch")
     p.add_argument("--patch", type=_whole(16), help="training patch size in pixels (default 128)")
+    p.add_argument("--modality-dropout", type=_fraction,
+                   help="chance of hiding each modality of a training patch (default 0); above 0 the model "
+                        "works with any set of modalities")
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on the reviewed slices of a corrections store",

@@ -30,7 +30,9 @@ def default_model_path() -> Path:
 
 
 def make_metadata(config, *, task: str = "multiclass", modalities=("t1", "t1ce", "t2", "flair"),
-                  normalisation: dict | None = None, training: dict | None = None) -> dict:
+                  required=None, normalisation: dict | None = None, training: dict | None = None) -> dict:
+    """`required`: the modalities the model cannot do without (default all; a model trained with
+    modality dropout needs none in particular, only one at least)."""
     from napari_unet.preprocess import Normalisation
 
     labels = (
@@ -42,6 +44,7 @@ def make_metadata(config, *, task: str = "multiclass", modalities=("t1", "t1ce",
         "architecture": {"name": "unet", **config.to_dict()},
         "task": task,
         "modalities": list(modalities),
+        "required_modalities": list(modalities if required is None else required),
         "labels": labels,
         "label_convention": "canonical: 0 background, 1 necrotic core, 2 edema, 3 enhancing tumour"
         if task == "multiclass" else "binary: 0 background, 1 whole tumour",
@@ -101,6 +104,9 @@ def _validate(metadata, path: Path):
         raise bad(f"'modalities' must list distinct names among {', '.join(_MODALITY_NAMES)}")
     if len(modalities) != config.in_channels:
         raise NapariUnetError(f"{path}: {len(modalities)} modalities for {config.in_channels} input channels")
+    required = metadata.get("required_modalities", modalities)
+    if not isinstance(required, list) or not set(required) <= set(modalities):
+        raise bad("'required_modalities' must list some of 'modalities'")
     if not isinstance(metadata.get("label_convention"), str):
         raise bad("'label_convention' is missing")
     if not isinstance(metadata.get("training", {}), dict):
@@ -218,14 +224,38 @@ def save_model(model, metadata: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def check_modalities(metadata: dict, available, where: str) -> None:
-    """Refuse data that lacks a modality the model needs."""
+def required_modalities(metadata: dict) -> list[str]:
+    """The modalities a model cannot do without (files from before this field: all of them)."""
+    return list(metadata.get("required_modalities", metadata["modalities"]))
+
+
+def check_modalities(metadata: dict, available, where: str) -> list[str]:
+    """Refuse data lacking a modality the model cannot do without; returns the optional ones missing."""
     missing = [m for m in metadata["modalities"] if m not in available]
-    if missing:
+    lacking = [m for m in required_modalities(metadata) if m in missing]
+    if lacking or len(missing) == len(metadata["modalities"]):
+        needs = required_modalities(metadata) or ["at least one of " + ", ".join(metadata["modalities"])]
         raise NapariUnetError(
-            f"{where}: the model needs {', '.join(metadata['modalities'])}; "
-            f"missing {', '.join(missing)} (found {', '.join(available) or 'none'})"
+            f"{where}: the model needs {', '.join(needs)}; "
+            f"missing {', '.join(lacking or missing)} (found {', '.join(available) or 'none'})"
         )
+    return missing
+
+
+def modality_spec(modalities, required=None) -> dict:
+    """The modality part of a model's metadata, for data prepared before there is a model."""
+    return {"modalities": list(modalities), "required_modalities": list(modalities if required is None else required)}
+
+
+def input_stack(metadata: dict, images: dict, where: str):
+    """(C, Z, Y, X) float32 in the model's modality order; a missing optional modality is zeros,
+    which is how modality dropout showed it to the model in training."""
+    import numpy as np
+
+    missing = check_modalities(metadata, list(images), where)
+    shape = next(iter(images.values())).shape
+    return np.stack([np.zeros(shape, np.float32) if m in missing else np.asarray(images[m], np.float32)
+                     for m in metadata["modalities"]])
 
 
 def describe(metadata: dict, path: Path | None = None) -> str:
@@ -236,7 +266,8 @@ def describe(metadata: dict, path: Path | None = None) -> str:
         f"architecture:  U-Net {arch['spatial_dims']}D, {arch['base_channels']} base channels, depth {arch['depth']}, "
         f"padding {arch['padding']}, norm {arch['norm']}",
         f"task:          {metadata['task']} ({metadata['label_convention']})",
-        f"modalities:    {', '.join(metadata['modalities'])}",
+        f"modalities:    {', '.join(metadata['modalities'])} "
+        f"(required: {', '.join(required_modalities(metadata)) or 'any one'})",
         f"normalisation: {metadata['normalisation']}",
         f"created:       {metadata.get('created')} by napari-unet {metadata.get('napari_unet_version')}",
     ]

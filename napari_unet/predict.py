@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.modelfile import LoadedModel, check_modalities
+from napari_unet.modelfile import LoadedModel, input_stack
 from napari_unet.preprocess import Normalisation, prepare
 
 ProgressFn = Callable[[int, int], None]
@@ -155,8 +155,7 @@ class Predictor:
         return PreparedVolume(crop, box, mask, tuple(stack.shape[1:]))
 
     def prepare_case(self, case) -> PreparedVolume:
-        check_modalities(self.metadata, list(case.images), case.source.path or case.case_id)
-        return self.prepare(case.stack(self.modalities))
+        return self.prepare(input_stack(self.metadata, case.images, case.source.path or case.case_id))
 
     def predict_case(self, case, **kwargs) -> Prediction:
         return self.predict(self.prepare_case(case), **kwargs)

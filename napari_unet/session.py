@@ -211,14 +211,14 @@ class AnnotationSession:
 
         Out of GPU memory, it carries on on the CPU and says so.
         """
-        from napari_unet.modelfile import check_modalities
+        from napari_unet.modelfile import input_stack
         from napari_unet.predict import resolve_device
 
         predictor = self.predictor(device, tta)
-        check_modalities(predictor.metadata, list(self.images), self.source.path or self.case_id)
-        key = predictor.modalities
+        key = (predictor.modalities, tuple(predictor.metadata.get("required_modalities", ())))
         if self._prepared_key != key:
-            self._prepared = predictor.prepare(np.stack([np.asarray(self.images[m], np.float32) for m in key]))
+            self._prepared = predictor.prepare(input_stack(predictor.metadata, self.images,
+                                                           self.source.path or self.case_id))
             self._prepared_key = key
         kwargs = dict(slices=slices, with_uncertainty=True, progress=progress, cancel=cancel)
         try:

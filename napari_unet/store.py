@@ -76,6 +76,9 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
             f"{source.path}: a single image cannot go into a corrections store; open the whole case folder"
         )
     image_paths, seg, record_path = case_location(store, source)
+    if source.layout != "msd":  # a case lacking a modality is stored without it
+        have = set(images or {}) | {m for m in source.files if m != "seg"}
+        image_paths = {m: p for m, p in image_paths.items() if m in have}
     for folder in {seg.parent, record_path.parent, *(p.parent for p in image_paths.values())}:
         remove_stale_partials(folder)
     if not all(p.exists() for p in image_paths.values()):

@@ -37,6 +37,7 @@ import numpy as np
 from napari_unet import NapariUnetError
 from napari_unet.atomic import atomic_path, remove_stale_partials, write_text
 from napari_unet.cases import find_cases, read_case
+from napari_unet.modelfile import input_stack, modality_spec
 from napari_unet.preprocess import Normalisation, prepare
 
 CACHE_FORMAT = "napari-unet-cache"
@@ -169,7 +170,7 @@ def prepare_case(path: str | os.PathLike, cache: str | os.PathLike, modalities: 
     case = read_case(path)
     if case.labels is None:
         raise NapariUnetError(f"{path}: the case has no segmentation to learn from")
-    stack = case.stack(tuple(modalities))
+    stack = input_stack(modality_spec(modalities), case.images, str(path))
     if not np.isfinite(stack).all():
         raise NapariUnetError(f"{path}: the images hold NaN or infinite voxels")
     crop, box, mask = prepare(stack, Normalisation.from_dict(norm_dict))

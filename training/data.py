@@ -22,7 +22,7 @@ import numpy as np
 
 from napari_unet import NapariUnetError
 from napari_unet.cases import Case, find_cases, read_case
-from napari_unet.modelfile import check_modalities
+from napari_unet.modelfile import input_stack, modality_spec
 from napari_unet.preprocess import Normalisation, prepare
 from napari_unet.store import read_corrections
 
@@ -53,12 +53,13 @@ def slice_hash(labels_slice: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels_slice, dtype=np.uint8).tobytes()).hexdigest()[:16]
 
 
-def train_case(case: Case, modalities, norm: Normalisation, reviewed: list[int] | None = None) -> TrainCase:
-    """A read case -> TrainCase; `reviewed` are display axial indices (None: all brain slices)."""
+def train_case(case: Case, modalities, norm: Normalisation, reviewed: list[int] | None = None,
+               required=None) -> TrainCase:
+    """A read case -> TrainCase; `reviewed` are display axial indices (None: all brain slices).
+    A modality outside `required` (default: all) may be missing: its channel is zeros."""
     if case.labels is None:
         raise NapariUnetError(f"{case.source.path}: the case has no segmentation to learn from")
-    check_modalities({"modalities": list(modalities)}, list(case.images), case.source.path)
-    crop, box, mask = prepare(case.stack(modalities), norm)
+    crop, box, mask = prepare(input_stack(modality_spec(modalities, required), case.images, case.source.path), norm)
     labels = case.labels[box]
     z0, nz = box[0].start, crop.shape[1]
     brain = np.flatnonzero(mask.any(axis=(1, 2)))
@@ -90,8 +91,9 @@ def load_root(root, modalities, norm: Normalisation, progress: Callable | None =
     return [train_case(read_case(p), modalities, norm) for p in _progress_iter(cases, progress)]
 
 
-def load_store(store, modalities, norm: Normalisation, progress: Callable | None = None) -> list[TrainCase]:
-    """The reviewed slices of every case in a corrections store."""
+def load_store(store, modalities, norm: Normalisation, progress: Callable | None = None,
+               required=None) -> list[TrainCase]:
+    """The reviewed slices of every case in a corrections store (`required`: as in `train_case`)."""
     store = Path(store)
     if not store.is_dir():
         raise NapariUnetError(f"{store}: the corrections store must be a folder of cases")
@@ -102,7 +104,7 @@ def load_store(store, modalities, norm: Normalisation, progress: Callable | None
         case = read_case(path)
         corrections = read_corrections(path, case.source)
         reviewed = None if corrections is None else sorted(corrections.reviewed)
-        tc = train_case(case, modalities, norm, reviewed)
+        tc = train_case(case, modalities, norm, reviewed, required)
         if len(tc.trusted):
             out.append(tc)
     if not out:
@@ -229,3 +231,20 @@ def augment(x, y, generator):
     shift = (rand(n, x.shape[1], 1, 1) * 2 - 1) * 0.15
     x = torch.where(brain, x * gain + shift, torch.zeros_like(x))
     return x, y
+
+
+def drop_modalities(x, p: float, droppable: list[int], generator):
+    """Modality dropout: each droppable channel of each sample is zeroed with probability `p`, as a
+    missing modality is given to the model; at least one channel stays. (N, C, H, W), any device."""
+    import torch
+
+    if p <= 0 or not droppable:
+        return x  # draws nothing: training without dropout is unchanged
+    n = x.shape[0]
+    drop = torch.zeros(n, x.shape[1], dtype=torch.bool)
+    drop[:, droppable] = torch.rand(n, len(droppable), generator=generator) < p
+    emptied = drop.all(1)
+    if emptied.any():  # every channel dropped: give one back
+        back = torch.as_tensor(droppable)[torch.randint(len(droppable), (n,), generator=generator)]
+        drop[emptied, back[emptied]] = False
+    return x * (~drop).to(device=x.device, dtype=x.dtype)[:, :, None, None]

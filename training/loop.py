@@ -22,12 +22,12 @@ from napari_unet import NapariUnetError
 from napari_unet.atomic import atomic_path
 from napari_unet.labels import REGIONS, region_mask
 from napari_unet.metrics import dice
-from napari_unet.modelfile import LoadedModel, load_model, make_metadata, save_model
+from napari_unet.modelfile import LoadedModel, load_model, make_metadata, required_modalities, save_model
 from napari_unet.predict import Cancelled, Predictor, PreparedVolume, resolve_device
 from napari_unet.preprocess import Normalisation
 from napari_unet.unet import UNet, UNetConfig
 from training.cache import case_key, dataset_cases, open_cache, prepare_cache
-from training.data import PatchDataset, TrainCase, augment, load_root, load_store, split_validation
+from training.data import PatchDataset, TrainCase, augment, drop_modalities, load_root, load_store, split_validation
 from training.losses import region_dice_ce
 
 
@@ -52,6 +52,7 @@ class Settings:
     optimizer: str = "adamw"  # "adamw" (training) or "sgd" (fine-tuning: steps shrink with the error)
     workers: int = 0  # DataLoader worker processes making patches (0: in the training process)
     precision: str = "auto"  # "auto" (fp16 + loss scaling on pre-Ampere GPUs, bf16 on newer ones, fp32 on CPU), "fp32"
+    modality_dropout: float = 0.0  # chance of hiding each optional modality of a patch (any set then works)
 
     def updated(self, **overrides) -> "Settings":
         """A copy with the values given (None keeps this one's; names not settings are ignored)."""
@@ -288,6 +289,7 @@ def run(
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+    droppable = [i for i, m in enumerate(metadata["modalities"]) if m not in required_modalities(metadata)]
     loader = patch_loader(dataset, step, s.steps, s.batch_size, s.workers, pin=device.type == "cuda")
     batches = iter(loader)
     while step < s.steps:
@@ -299,6 +301,7 @@ def run(
         y = y.to(device, non_blocking=True).long()
         if s.augment:
             x, y = augment(x, y, gen)
+        x = drop_modalities(x, s.modality_dropout, droppable, gen)
         x = x.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s)
@@ -406,7 +409,9 @@ def train(
     roots = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     norm = Normalisation()
     metadata = make_metadata(config, task=task, normalisation=norm.to_dict(),
-                             training={"data": [str(r) for r in roots], "kind": "from scratch"})
+                             required=[] if settings.modality_dropout > 0 else None,
+                             training={"data": [str(r) for r in roots], "kind": "from scratch",
+                                       "modality_dropout": settings.modality_dropout})
     cache = Path(cache) if cache is not None else default_cache_dir(out)
     is_ddp, rank, _, _ = _setup_ddp(settings.device)
     if not roots:  # every case of a prepared cache; the data itself may be gone
@@ -479,14 +484,14 @@ def finetune(
     log=None,
 ) -> Result:
     """Fine-tune BASE on the reviewed slices of a corrections store; BASE is never modified."""
-    settings = settings or FINETUNE
+    settings = replace(settings or FINETUNE)  # a copy: the defaults are shared
     out = Path(out)
     base_path = Path(base) if base is not None else None
     loaded = load_model(base_path)
     if out.resolve() == loaded.path.resolve():
         raise NapariUnetError(f"{out}: the new model must not overwrite the base model")
     norm = Normalisation.from_dict(loaded.metadata["normalisation"])
-    cases = load_store(store, loaded.modalities, norm)
+    cases = load_store(store, loaded.modalities, norm, required=required_modalities(loaded.metadata))
     if replay:
         replay_cases = load_root(replay, loaded.modalities, norm)
     else:

@@ -1,0 +1,105 @@
+"""Cases with some modalities missing: a model trained with modality dropout reads, predicts and
+fine-tunes on them; a model that needs all four refuses, naming what is missing."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TRAIN_SHAPE
+
+from napari_unet.cases import read_case
+from napari_unet.cli import main
+from napari_unet.metrics import dice
+from napari_unet.modelfile import load_model
+from napari_unet.predict import Predictor
+from napari_unet.session import AnnotationSession
+
+
+@pytest.fixture(scope="session")
+def dropout_model(tmp_path_factory, dataset_factory):
+    """A small U-Net trained with modality dropout on 8 cases (the real loop, about half a minute)."""
+    from napari_unet.unet import UNetConfig
+    from training.loop import Settings, train
+
+    cases = dataset_factory("brats2021", cases=8, seed=11, shape=TRAIN_SHAPE)
+    out = tmp_path_factory.mktemp("dropout_model") / "dropout.safetensors"
+    train(cases[0].parent, out,
+          settings=Settings(steps=300, batch_size=8, patch=64, lr=3e-3, seed=0, device="cpu", val_every=0,
+                            modality_dropout=0.4),
+          config=UNetConfig(base_channels=8, depth=3, padding="same", norm="batch"), val_fraction=0.0)
+    return out
+
+
+@pytest.fixture
+def two_modality_case(dataset_factory, tmp_path):
+    """A held-out case with only FLAIR and T1 (a common clinical protocol)."""
+    src = dataset_factory("brats2021", cases=1, seed=12, shape=TRAIN_SHAPE)[0]
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    for m in ("t1ce", "t2"):
+        next(dst.glob(f"*_{m}.nii.gz")).unlink()
+    return dst
+
+
+def test_the_model_file_says_what_it_needs(dropout_model, tiny_model, capsys):
+    assert load_model(dropout_model).metadata["required_modalities"] == []
+    assert load_model(tiny_model[0]).metadata["required_modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert main(["info", str(dropout_model)]) == 0
+    assert "required: any one" in capsys.readouterr().out
+
+
+def test_a_dropout_model_proposes_on_two_modalities(dropout_model, two_modality_case):
+    case = read_case(two_modality_case)
+    assert sorted(case.images) == ["flair", "t1"]
+    labels = Predictor(load_model(dropout_model), "cpu").predict_case(case).labels
+    assert dice(labels > 0, case.labels > 0) > 0.5
+
+
+def test_a_model_needing_all_four_refuses_naming_what_is_missing(tiny_model, two_modality_case, tmp_path, capsys):
+    code = main(["predict", str(two_modality_case), "--out", str(tmp_path / "o"), "--model", str(tiny_model[0])])
+    assert code == 2 and "missing t1ce, t2" in capsys.readouterr().err
+
+
+def test_session_and_finetune_work_on_a_two_modality_case(dropout_model, two_modality_case, tmp_path):
+    case = read_case(two_modality_case)
+    store = tmp_path / "store"
+    session = AnnotationSession(case.source, case.images, store, model=dropout_model)
+    labels = session.open_labels()
+    prediction, _ = session.predict(device="cpu")
+    session.merge_proposal(labels, prediction)
+    tumour = np.flatnonzero((case.labels > 0).any(axis=(1, 2)))
+    labels[tumour[:4]] = case.labels[tumour[:4]]
+    session.collect_edits(labels)
+    case_dir = session.save(session.snapshot(labels))
+    assert sorted(p.name.split("_")[-1] for p in case_dir.glob("*.nii.gz")) == ["flair.nii.gz", "seg.nii.gz",
+                                                                               "t1.nii.gz"]
+    result = session.finetune(steps=3, device="cpu")
+    assert result.path.exists() and session.model_path == result.path
+    assert load_model(result.path).metadata["required_modalities"] == []
+
+
+def test_training_data_must_have_every_modality_it_trains_on(dataset_factory, two_modality_case, tmp_path, capsys):
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copytree(two_modality_case, root / two_modality_case.name)
+    shutil.copytree(dataset_factory("brats2021", cases=1, seed=13, shape=TRAIN_SHAPE)[0], root / "BraTS2021_00002")
+    assert main(["prepare", str(root), "--cache", str(tmp_path / "c"), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped:" in err and "missing t1ce, t2" in err
+
+
+def test_modality_dropout_keeps_a_channel_and_hides_only_optional_ones():
+    import torch
+
+    from training.data import drop_modalities
+
+    x = torch.ones(500, 4, 2, 2)
+    out = drop_modalities(x, 0.9, [0, 1, 2], torch.Generator().manual_seed(0))
+    kept = out[:, :, 0, 0]
+    assert (kept[:, 3] == 1).all()  # not droppable
+    assert (kept[:, :3].sum(1) < 3).float().mean() > 0.9
+    out = drop_modalities(x, 1.0, [0, 1, 2, 3], torch.Generator().manual_seed(0))
+    assert (out[:, :, 0, 0].sum(1) == 1).all()  # everything droppable dropped: one comes back
+    assert torch.equal(drop_modalities(x, 0.0, [0, 1], torch.Generator()), x)
