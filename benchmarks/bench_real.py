@@ -63,7 +63,9 @@ def evaluate(model, cases) -> dict[str, dict]:
         try:
             labels = predictor.predict_case(case).labels
         except NapariUnetError as err:
-            out[case.case_id] = {"error": str(err).split(": ", 1)[-1]}
+            message = str(err)
+            out[case.case_id] = {"error": message[message.find("missing"):].split(" (")[0] if "missing" in message
+                                 else message.split(": ", 1)[-1]}
             continue
         out[case.case_id] = scores(labels, truth, regions)
     return out
@@ -80,7 +82,7 @@ def table(names: list[str], results: list[dict], cases) -> str:
 
     def cell(s):
         if "error" in s:
-            return f"{'cannot: ' + s['error'][:14]:>24}"
+            return f"{s['error'][:22]:>24}"
         return f"{'  '.join(f'{s[r]:.2f}' if r in s else '  - ' for r in REGIONS):>24}"
 
     for case, _, _ in cases:
@@ -141,6 +143,17 @@ def hitl(model, cases, case_id: str | None, slices: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                flags = Path("/proc/cpuinfo").read_text()
+                return line.split(":", 1)[1].strip() + (", native bf16" if "avx512_bf16" in flags else "")
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", nargs="?", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "real-dev"))
@@ -165,7 +178,7 @@ def main() -> int:
             cases.append((case, truth, regions))
     model = args.model or default_model_path()
     baseline = args.baseline or default_model_path()
-    print(f"{len(cases)} real case(s) from {root}; CPU: {platform.processor() or platform.machine()}")
+    print(f"{len(cases)} real case(s) from {root}; CPU: {cpu_name()}")
     names = [f"model {Path(model).name}", f"baseline {Path(baseline).name}"]
     results = [evaluate(model, cases), evaluate(baseline, cases)]
     print(table(names, results, cases))
