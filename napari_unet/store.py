@@ -118,17 +118,19 @@ def read(store: str | Path, source: CaseSource) -> tuple[np.ndarray, Corrections
     _, seg, record_path = case_location(store, source)
     if not seg.exists():
         return None
-    labels, stored = read_labels(seg, source.convention)
+    labels, _ = read_labels(seg, source.convention)
     expected = tuple(source.to_display(np.empty(source.shape, np.uint8)).shape)
     if labels.shape != expected:
         raise NapariUnetError(f"{seg}: shape {labels.shape} in the store differs from the open case {expected}")
-    return labels, read_corrections(record_path.parent if record_path.name == CORRECTIONS_FILE else seg, source) \
-        or Corrections()
+    return labels, _read_record(record_path, source) or Corrections()
 
 
 def read_corrections(case_dir_or_file: str | Path, source: CaseSource) -> Corrections | None:
     """The validated corrections.json of a store case, in display indices (None: there is none)."""
-    path = corrections_path(Path(case_dir_or_file))
+    return _read_record(corrections_path(Path(case_dir_or_file)), source)
+
+
+def _read_record(path: Path, source: CaseSource) -> Corrections | None:
     if not path.exists():
         return None
     data = _load_json(path)
