@@ -268,12 +268,12 @@ def _subfolders(path: Path) -> list[Path]:
         raise NapariUnetError(f"{path}: cannot list the folder ({err.strerror or err})") from None
 
 
-def _listable(folder: Path) -> bool:
+def _readable_nifti_files(folder: Path) -> list[Path]:
+    """The folder's NIfTI files; none where it cannot be listed (a dataset root may hold such)."""
     try:
-        next(iter(folder.iterdir()), None)
-        return True
+        return _nifti_files(folder)
     except OSError:
-        return False
+        return []
 
 
 def _cases_below(path: Path, depth: int) -> list[Path]:
@@ -288,7 +288,7 @@ def _cases_below(path: Path, depth: int) -> list[Path]:
     if files:
         return [path]
     subfolders = _subfolders(path)
-    cases = [p for p in subfolders if _listable(p) and _nifti_files(p)]
+    cases = [p for p in subfolders if _readable_nifti_files(p)]
     if cases or depth <= 0:
         return cases
     return [case for sub in subfolders for case in _cases_below(sub, depth - 1)]
@@ -482,7 +482,7 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
         raise NapariUnetError(f"{files.path}: nothing to read")
     convention = ""
     if seg_raw is not None and files.layout in ("brats2020", "brats2021"):
-        if 3 in np.unique(np.asarray(seg_raw)).tolist():  # BraTS 2013-2015 files also mark non-enhancing tumour
+        if (np.asarray(seg_raw) == 3).any():  # BraTS 2013-2015 files also mark non-enhancing tumour
             convention = "brats2015"
     geometry_img = ref_img if ref_img is not None else seg_img
     source = make_source(
@@ -500,7 +500,7 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
     if seg_raw is not None:
         labels = source.to_display(to_canonical(seg_raw, source.convention, str(files.seg)))
     missing = [m.upper() for m in MODALITIES if m not in images]
-    if images and missing and files.layout != "single" and len(images) < len(MODALITIES):
+    if images and missing and files.layout != "single":
         notes.append(f"{files.path}: no {', '.join(missing)} image (it has {', '.join(m.upper() for m in images)})")
     warning = _background_warning(images, files.path)
     return Case(files.case_id, images, labels, source, notes + ([warning] if warning else []))

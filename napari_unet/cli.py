@@ -60,22 +60,27 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _writable_from(path, candidates, what: str) -> None:
+    """The nearest existing folder among `candidates` is where `path` will be made: it must be writable."""
+    import os
+
+    existing = next(p for p in candidates if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise NapariUnetError(f"{path}: no permission to write {what} there ({existing})")
+
+
 def _output_file(path, what: str = "output"):
     """The file a command will write: not a folder, in a folder it can write into."""
-    import os
     from pathlib import Path
 
     path = Path(path)
     if path.is_dir():
         raise NapariUnetError(f"{path}: is a folder; the {what} must be a file name")
-    existing = next(p for p in path.parents if p.exists())  # made when the file is written
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise NapariUnetError(f"{path}: no permission to write the {what} there ({existing})")
+    _writable_from(path, path.parents, f"the {what}")  # the folders are made when the file is written
     return path
 
 
 def _output_folder(path):
-    import os
     from pathlib import Path
 
     from napari_unet.atomic import remove_stale_partials
@@ -83,9 +88,7 @@ def _output_folder(path):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NapariUnetError(f"{path}: is a file; --out must be a folder")
-    existing = next(p for p in (path, *path.parents) if p.exists())  # made when the first file is written
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise NapariUnetError(f"{path}: no permission to write there ({existing})")
+    _writable_from(path, (path, *path.parents), "the outputs")  # made when the first file is written
     remove_stale_partials(path)  # left by a run that was killed while writing
     return path
 
