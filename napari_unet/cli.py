@@ -107,6 +107,7 @@ def _cmd_synth(args) -> int:
             seed=args.seed,
             layout=args.layout,
             shift=args.shift,
+            appearance=args.appearance,
             shape=tuple(args.shape),
             start=args.start,
             progress=update,
@@ -282,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["brats2020", "brats2021", "brats2023", "msd"], default="brats2021")
     p.add_argument(
         "--shift", type=float, default=0.0,
-        help="scanner shift of the appearance, 0 (training look) to 1 (a different scanner)",
+        help="scanner shift of the standard appearance, 0 (training look) to 1 (a different scanner)",
+    )
+    p.add_argument(
+        "--appearance", choices=["standard", "random"], default="standard",
+        help="standard: one look per contrast; random: every tissue's brightness, bias, noise, blur and "
+             "slice thickness drawn per case (domain randomisation, what the default model trains on)",
     )
     p.add_argument("--shape", type=_whole(8), nargs=3, default=(240, 240, 155), metavar=("X", "Y", "Z"),
                    help="voxels per axis (default BraTS 240 240 155; smaller is a coarser grid)")

@@ -82,8 +82,39 @@ def widget_screenshots(docs: Path) -> None:
     viewer.close()
 
 
+def real_case_screenshot(case_dir: Path, out: Path) -> None:
+    """A real case: the default model's proposal (filled) beside its reference (outline)."""
+    import napari
+
+    from napari_unet.app import open_viewer
+    from napari_unet.cases import read_labels
+
+    case_dir = case_dir.resolve()
+    viewer, widget = open_viewer(case_dir)
+    viewer.window._qt_window.resize(1500, 950)
+    app = napari.qt.get_qapp()
+    _wait(widget, app)
+    widget.propose()
+    _wait(widget, app)
+    seg = sorted(case_dir.glob("*_seg.nii*")) + sorted(case_dir.glob("*_wt.nii*"))
+    reference, _ = read_labels(seg[0])
+    layer = viewer.add_labels(reference, name="reference (outline)", opacity=1.0)
+    layer.contour = 2
+    z = int(np.argmax((reference > 0).sum(axis=(1, 2))))
+    widget.go_to_slice(z)
+    viewer.reset_view()
+    app.processEvents()
+    viewer.screenshot(str(out), canvas_only=False)
+    viewer.close()
+
+
 if __name__ == "__main__":
+    # screenshots.py [DOCS] [REAL_CASE]: REAL_CASE adds the real-MRI picture (not for the repo's
+    # synthetic pictures; the real cases' licences allow showing them, not training on them).
     docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs").resolve()
     docs.mkdir(exist_ok=True)
+    if len(sys.argv) > 2:
+        real_case_screenshot(Path(sys.argv[2]), docs / "real_case.png")
+        sys.exit(0)
     open_case_screenshot(docs / "viewer_case.png")
     widget_screenshots(docs)

@@ -1,0 +1,102 @@
+"""The synthetic generator: real anatomy, a grown tumour, the physics of each contrast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unet.labels import EDEMA, ENHANCING, NECROTIC
+from napari_unet.synth import generate_case
+
+SHAPE = (96, 96, 62)  # 2.5 mm voxels: the anatomy and tumour regions are still resolved
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """Six cases of randomised appearance and six of the standard one."""
+    return [generate_case(np.random.default_rng([5, i]), SHAPE, appearance="random") for i in range(6)] + [
+        generate_case(np.random.default_rng([6, i]), SHAPE) for i in range(6)
+    ]
+
+
+def _brain(case):
+    return case.tissue.sum(0) > 0.5
+
+
+def _dice(a, b):
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_every_case_has_a_tumour_inside_the_brain_and_nothing_outside(cases):
+    for case in cases:
+        brain = _brain(case)
+        assert np.count_nonzero(case.labels) > 50
+        assert not case.labels[~brain].any()
+        for image in case.images.values():
+            assert image.dtype == np.int16
+            assert not image[~brain].any()
+            assert np.count_nonzero(image[brain] > 0) > 0.99 * np.count_nonzero(brain)
+
+
+def test_edema_follows_white_matter_not_csf(cases):
+    for case in cases:
+        csf, _, white = case.tissue
+        edema = case.labels == EDEMA
+        brain = _brain(case)
+        assert white[edema].mean() > white[brain].mean() + 0.1
+        assert csf[edema].mean() < 0.35
+
+
+def test_the_regions_look_as_each_contrast_shows_them(cases):
+    """Edema bright on FLAIR and T2 against white matter; enhancement on T1ce, not on T1;
+    necrosis darker than the rim on T1ce."""
+    for case in cases:
+        img = {m: v.astype(float) for m, v in case.images.items()}
+        white = (case.tissue[2] > 0.9) & (case.labels == 0)
+        edema = case.labels == EDEMA
+        assert img["flair"][edema].mean() > 1.15 * img["flair"][white].mean()
+        assert img["t2"][edema].mean() > 1.15 * img["t2"][white].mean()
+        rim = case.labels == ENHANCING
+        if np.count_nonzero(rim) > 20:
+            t1ce_gain = img["t1ce"][rim].mean() / img["t1ce"][white].mean()
+            t1_gain = img["t1"][rim].mean() / img["t1"][white].mean()
+            assert t1ce_gain > 1.0 and t1ce_gain > 1.2 * t1_gain
+            necrosis = case.labels == NECROTIC
+            if np.count_nonzero(necrosis) > 20:
+                assert img["t1ce"][necrosis].mean() < img["t1ce"][rim].mean()
+
+
+def test_tumours_vary_from_case_to_case(cases):
+    """Sizes, enhancing and non-enhancing ones, and the share of core."""
+    whole = [np.count_nonzero(c.labels) for c in cases]
+    assert max(whole) > 2 * min(whole)
+    enhancing = [np.count_nonzero(c.labels == ENHANCING) > 0 for c in cases]
+    assert any(enhancing)
+    rng_cases = [generate_case(np.random.default_rng([9, i]), (48, 48, 32)) for i in range(12)]
+    assert any(np.count_nonzero(c.labels) and not (c.labels == ENHANCING).any() for c in rng_cases)
+
+
+def test_each_subject_is_a_deformed_brain(cases):
+    """The same template, but every subject's brain differs in shape and size."""
+    brains = [_brain(c) for c in cases]
+    overlaps = [_dice(brains[i], brains[j]) for i in range(4) for j in range(i + 1, 4)]
+    assert all(0.75 < d < 0.97 for d in overlaps), overlaps
+    sizes = [np.count_nonzero(b) for b in brains]
+    assert max(sizes) > 1.1 * min(sizes)
+
+
+def test_random_appearance_changes_the_contrast_not_the_anatomy():
+    a = generate_case(np.random.default_rng(3), (48, 48, 32), appearance="standard")
+    b = generate_case(np.random.default_rng(3), (48, 48, 32), appearance="random")
+    np.testing.assert_array_equal(a.labels, b.labels)
+    brain = _brain(a)
+    ratio = lambda c: c.images["t1"][brain].astype(float).mean() / c.images["flair"][brain].astype(float).mean()  # noqa: E731
+    assert abs(ratio(a) - ratio(b)) > 0.02
+
+
+def test_the_same_seed_gives_the_same_case():
+    a = generate_case(np.random.default_rng(4), (48, 48, 32), appearance="random")
+    b = generate_case(np.random.default_rng(4), (48, 48, 32), appearance="random")
+    np.testing.assert_array_equal(a.labels, b.labels)
+    for m in a.images:
+        np.testing.assert_array_equal(a.images[m], b.images[m])
