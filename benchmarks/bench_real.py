@@ -160,7 +160,7 @@ def main() -> int:
     parser.add_argument("--model", help="model to measure (default: the shipped model)")
     parser.add_argument("--baseline", help="model beside it (default: the shipped model)")
     parser.add_argument("--hitl-case", help="case for the human-in-the-loop round (default: the first with full labels)")
-    parser.add_argument("--slices", type=int, default=10)
+    parser.add_argument("--slices", type=int, default=10, help="slices corrected in the HITL round (0: no round)")
     args = parser.parse_args()
 
     from napari_unet.cases import find_cases, read_case
@@ -182,7 +182,8 @@ def main() -> int:
     names = [f"model {Path(model).name}", f"baseline {Path(baseline).name}"]
     results = [evaluate(model, cases), evaluate(baseline, cases)]
     print(table(names, results, cases))
-    hitl(model, cases, args.hitl_case, args.slices)
+    if args.slices > 0:
+        hitl(model, cases, args.hitl_case, args.slices)
     return 0
 
 

@@ -11,6 +11,7 @@ Ctrl-C of the CLI as well as the widget's progress bar and Cancel button.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,11 +51,17 @@ def resolve_device(name: str = "auto"):
         raise NapariUnetError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
 
 
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_bf16() -> bool:
     """Native bfloat16 arithmetic (AVX512-BF16 or AMX): there bf16 convolutions run 2-3x faster
-    than fp32; elsewhere they are emulated and 3-4x slower."""
+    than fp32; elsewhere they are emulated and 3-4x slower. An instruction-set cap below
+    AVX512_CORE_BF16 in ONEDNN_MAX_CPU_ISA (oneDNN's own switch) counts as no bf16."""
     import torch
 
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISAS_WITHOUT_BF16:
+        return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

@@ -239,7 +239,7 @@ def _tumour_labels(rng, u, brain, tissue_csf, tissue_white, voxel, shape) -> tup
         return labels, core
     depth = ndimage.distance_transform_edt(core, sampling=voxel)
     # At least about a voxel: a coarse grid keeps the rim.
-    thickness = max(rng.uniform(1.5, 6.0), 1.2 * voxel.max()) * (
+    thickness = max(rng.uniform(2.0, 9.0), 1.2 * voxel.max()) * (
         1 + 0.5 * _SmoothField(rng, extent, (10, 10, 7)).on_grid(axes)
     )
     labels[core] = ENHANCING

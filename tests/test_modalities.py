@@ -103,3 +103,25 @@ def test_modality_dropout_keeps_a_channel_and_hides_only_optional_ones():
     out = drop_modalities(x, 1.0, [0, 1, 2, 3], torch.Generator().manual_seed(0))
     assert (out[:, :, 0, 0].sum(1) == 1).all()  # everything droppable dropped: one comes back
     assert torch.equal(drop_modalities(x, 0.0, [0, 1], torch.Generator()), x)
+
+
+def test_finetuning_on_a_four_modality_case_keeps_the_model_working_on_two(
+        dropout_model, dataset_factory, two_modality_case, tmp_path):
+    """The fine-tune hides modalities as the base model's training did, so corrections made on a
+    full case do not teach it to lean on T1ce and T2 that other cases lack."""
+    full = read_case(dataset_factory("brats2021", cases=2, seed=14, shape=TRAIN_SHAPE)[1])
+    session = AnnotationSession(full.source, full.images, tmp_path / "store", model=dropout_model)
+    labels = session.open_labels()
+    prediction, _ = session.predict(device="cpu")
+    session.merge_proposal(labels, prediction)
+    tumour = np.flatnonzero((full.labels > 0).any(axis=(1, 2)))
+    labels[tumour[::2][:8]] = full.labels[tumour[::2][:8]]
+    session.collect_edits(labels)
+    session.save(session.snapshot(labels))
+    result = session.finetune(steps=40, device="cpu")
+    assert load_model(result.path).metadata["training"]["modality_dropout"] == pytest.approx(0.4 / 3, abs=1e-3)
+
+    two = read_case(two_modality_case)
+    before = Predictor(load_model(dropout_model), "cpu").predict_case(two).labels
+    after = Predictor(load_model(result.path), "cpu").predict_case(two).labels
+    assert dice(after > 0, two.labels > 0) > dice(before > 0, two.labels > 0) - 0.05

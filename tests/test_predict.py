@@ -118,3 +118,15 @@ def test_info_prints_the_metadata(tiny_model, capsys):
     assert main(["info", str(tiny_model[0])]) == 0
     out = capsys.readouterr().out
     assert "8 base channels" in out and "t1, t1ce, t2, flair" in out and "parameters:" in out
+
+
+def test_an_isa_cap_below_bf16_makes_the_cpu_precision_fp32(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 turns this machine into an AVX2 one: emulated bf16 would be 3-4x
+    slower than fp32, so 'auto' must not pick it."""
+    import torch
+
+    from napari_unet.predict import resolve_precision
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for explicitly

@@ -100,3 +100,21 @@ def test_the_same_seed_gives_the_same_case():
     np.testing.assert_array_equal(a.labels, b.labels)
     for m in a.images:
         np.testing.assert_array_equal(a.images[m], b.images[m])
+
+
+def test_the_synth_command_writes_randomised_cases_that_read_back(tmp_path):
+    from napari_unet.cases import read_case
+    from napari_unet.cli import main
+
+    out = tmp_path / "train"
+    assert main(["synth", str(out), "--cases", "2", "--seed", "3", "--appearance", "random",
+                 "--shape", "48", "48", "32"]) == 0
+    cases = [read_case(p) for p in sorted(out.iterdir())]
+    assert len(cases) == 2
+    for case in cases:
+        assert set(case.images) == {"t1", "t1ce", "t2", "flair"}
+        assert (case.labels > 0).any()
+    # Two cases of one run look different: their tissue contrasts were drawn separately.
+    a, b = (c.images["t1"][c.labels == 0] for c in cases)
+    assert abs(np.percentile(a[a != 0], 50) / np.percentile(a[a != 0], 90)
+               - np.percentile(b[b != 0], 50) / np.percentile(b[b != 0], 90)) > 0.01

@@ -498,11 +498,18 @@ def finetune(
         replay_cases = self_replay(loaded, cases, settings.device)
     if replay_cases and not settings.replay_fraction:
         settings.replay_fraction = 0.5
+    base_training = loaded.metadata.get("training", {})
+    if not settings.modality_dropout:
+        # Some of the base model's dropout, or a few corrected four-modality slices teach it to
+        # lean on modalities that other cases lack; a third of it, so most steps still learn from
+        # the corrections as they were seen (bench_real: the other real cases keep their Dice;
+        # bench_hitl: the new scanner's gain is kept).
+        settings.modality_dropout = round(float(base_training.get("modality_dropout") or 0.0) / 3, 4)
     metadata = dict(loaded.metadata)
     metadata["training"] = {
         "kind": "fine-tuned",
-        "base_model": {"file": loaded.path.name, "sha256": file_sha256(loaded.path),
-                       "training": loaded.metadata.get("training", {})},
+        "base_model": {"file": loaded.path.name, "sha256": file_sha256(loaded.path), "training": base_training},
+        "modality_dropout": settings.modality_dropout,
         "corrections": [c.provenance for c in cases],
         "replay": str(replay) if replay else "self (the base model's labels on unreviewed slices)",
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from napari_unet.cases import read_case
@@ -25,7 +26,9 @@ def test_open_a_case_through_the_viewer(make_napari_viewer, dataset_factory, lay
     lo, hi = flair.contrast_limits
     assert 0 < lo < hi <= flair.data.max()
     # Hovering an edema voxel names it.
-    z, y, x = np.argwhere(labels.data == EDEMA)[0]
+    depth = ndimage.distance_transform_edt(labels.data == EDEMA)  # a voxel well inside the edema
+    z, y, x = np.unravel_index(np.argmax(depth), depth.shape)
+    viewer.dims.set_current_step(0, z)  # the status reads the slice on screen
     status = labels.get_status(np.array([z, y, x]) * case.spacing, world=True)
     assert "edema" in str(status)
     # The slider runs over the axial slices.

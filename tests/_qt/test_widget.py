@@ -89,9 +89,9 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
     z1, z2 = int(tumour_slices[len(tumour_slices) // 3]), int(tumour_slices[2 * len(tumour_slices) // 3])
     for z in (z1, z2):
         widget.go_to_slice(z)
-        y, x = np.argwhere(truth[z] == ENHANCING)[0]
+        y, x = np.argwhere(truth[z] > 0)[0]
         layer.brush_size = 3
-        layer.paint((z, y, x), ENHANCING, refresh=True)  # a brush stroke of enhancing tumour
+        layer.paint((z, y, x), int(truth[z, y, x]), refresh=True)  # a brush stroke of tumour
         wrong = np.nonzero(np.asarray(layer.data[z]) != truth[z])
         layer.data_setitem((np.full(len(wrong[0]), z),) + wrong, truth[z][wrong])  # the rest of the fix
     qtbot.waitUntil(lambda: widget.reviewed_list.count() == 2, timeout=WAIT)
