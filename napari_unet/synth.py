@@ -150,7 +150,6 @@ class _Subject:
     elastic_mm: float
     ventricles: np.ndarray
     ventricle_gain: float
-    extent: np.ndarray
 
     def to_template(self, pts, grid_axes) -> np.ndarray:
         """pts: (3, ...) mm in output space; grid_axes: the output grid's 1D axes (for the elastic
@@ -181,7 +180,7 @@ def _subject(rng, extent_mm) -> _Subject:
     centre = tpl["centre"] + rng.normal(0, 2, 3) + [0, 0, 4]
     elastic = [_SmoothField(rng, extent_mm, (5, 5, 4), terms=4) for _ in range(3)]
     return _Subject(matrix, centre, elastic, rng.uniform(1.5, 4.0), tpl["ventricles"],
-                    rng.uniform(-0.2, 0.45), np.asarray(extent_mm))
+                    rng.uniform(-0.2, 0.45))
 
 
 def _sample_maps(subject: _Subject, pts, grid_axes) -> np.ndarray:

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The recipe of the shipped default model: 64 synthetic cases built on the MNI152 anatomy with
 # grown tumours and randomised appearance (domain randomisation), a 16-channel 2D U-Net with
-# modality dropout (any set of modalities works), trained on the CPU (2 cores: about 5 minutes
-# to synthesise and prepare, then about 4.5 steps a second).
+# modality dropout (any set of modalities works), trained on the CPU (2 cores: about 8 minutes
+# to synthesise and prepare, then about 4 steps a second: 3500 steps in about 15-25 minutes).
 # Usage: scripts/make_default_model.sh [DATA_DIR] [OUT] [STEPS]
 set -euo pipefail
 data=${1:-data/realistic_train}
 out=${2:-napari_unet/models/default.safetensors}
-steps=${3:-5000}
+steps=${3:-3500}
 if [ ! -d "$data" ]; then  # two processes, one per core
     napari-unet synth "$data" --cases 32 --seed 7 --appearance random --start 1 &
     napari-unet synth "$data" --cases 32 --seed 7 --appearance random --start 33 &

@@ -86,11 +86,18 @@ def real_case_screenshot(case_dir: Path, out: Path) -> None:
     """A real case: the default model's proposal (filled) beside its reference (outline)."""
     import napari
 
+    from napari.utils.colormaps import DirectLabelColormap
+
     from napari_unet.app import open_viewer
     from napari_unet.cases import read_labels
 
+    import os
+    import tempfile
+
     case_dir = case_dir.resolve()
+    os.chdir(tempfile.mkdtemp())  # the store goes here, not beside the real case; no machine paths shown
     viewer, widget = open_viewer(case_dir)
+    widget.set_store("corrections")
     viewer.window._qt_window.resize(1500, 950)
     app = napari.qt.get_qapp()
     _wait(widget, app)
@@ -98,8 +105,9 @@ def real_case_screenshot(case_dir: Path, out: Path) -> None:
     _wait(widget, app)
     seg = sorted(case_dir.glob("*_seg.nii*")) + sorted(case_dir.glob("*_wt.nii*"))
     reference, _ = read_labels(seg[0])
-    layer = viewer.add_labels(reference, name="reference (outline)", opacity=1.0)
-    layer.contour = 2
+    layer = viewer.add_labels((reference > 0).astype(np.uint8), name="reference WT (outline)", opacity=1.0)
+    layer.colormap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: (1, 1, 1, 1)})
+    layer.contour = 1
     z = int(np.argmax((reference > 0).sum(axis=(1, 2))))
     widget.go_to_slice(z)
     viewer.reset_view()
@@ -109,6 +117,10 @@ def real_case_screenshot(case_dir: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    import os
+
+    # Toasts (napari's PyQt5 deprecation notice) would cover the canvas; this run only, not saved.
+    os.environ["NAPARI_APPLICATION_GUI_NOTIFICATION_LEVEL"] = "error"
     # screenshots.py [DOCS] [REAL_CASE]: REAL_CASE adds the real-MRI picture (not for the repo's
     # synthetic pictures; the real cases' licences allow showing them, not training on them).
     docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs").resolve()

@@ -125,3 +125,25 @@ def test_finetuning_on_a_four_modality_case_keeps_the_model_working_on_two(
     before = Predictor(load_model(dropout_model), "cpu").predict_case(two).labels
     after = Predictor(load_model(result.path), "cpu").predict_case(two).labels
     assert dice(after > 0, two.labels > 0) > dice(before > 0, two.labels > 0) - 0.05
+
+
+@pytest.mark.parametrize("kept", [("flair",), ("t1ce", "flair"), ("t1", "t2", "flair")])
+def test_one_two_or_three_modalities_are_read_proposed_and_finetuned(dropout_model, dataset_factory, tmp_path, kept):
+    src = dataset_factory("brats2021", cases=1, seed=12, shape=TRAIN_SHAPE)[0]
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    for m in {"t1", "t1ce", "t2", "flair"} - set(kept):
+        next(dst.glob(f"*_{m}.nii.gz")).unlink()
+    case = read_case(dst)
+    assert sorted(case.images) == sorted(kept)
+    session = AnnotationSession(case.source, case.images, tmp_path / "store", model=dropout_model)
+    labels = session.open_labels()
+    prediction, _ = session.predict(device="cpu")
+    assert dice(prediction.labels > 0, case.labels > 0) > 0.2  # a tumour where the tumour is
+    session.merge_proposal(labels, prediction)
+    z = int(np.flatnonzero((case.labels > 0).any(axis=(1, 2)))[0])
+    labels[z] = case.labels[z]
+    session.collect_edits(labels)
+    session.save(session.snapshot(labels))
+    result = session.finetune(steps=2, device="cpu")
+    assert result.path.exists() and load_model(result.path).metadata["required_modalities"] == []

@@ -72,7 +72,7 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
     wait_idle(widget)
     layer = widget.annotation_layer
     first = np.array(layer.data)
-    # The shipped model is weak on this other look (bench_hitl: held-out WT 0.34); it finds the tumour.
+    # On this other look the shipped model is far from perfect (bench_hitl: held-out WT 0.69); it finds the tumour.
     assert first.any() and dice(first > 0, truth > 0) > 0.05
     assert layer.visible and viewer.layers[-1] is layer
     assert widget.progress_bar.text() == ""  # not left at "proposing 100%"
@@ -114,7 +114,7 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
         ["corrections.json"] + [f"BraTS2021_00001_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg")])
 
     # Fine-tune a few steps; the new model becomes current and re-proposes.
-    widget.finetune(steps=8)
+    widget.finetune(steps=30)
     qtbot.waitUntil(lambda: widget.model_path is not None, timeout=WAIT)
     wait_idle(widget)  # the re-proposal
     assert widget.model_path.exists() and widget.model_path.parent.name == "store-models"
