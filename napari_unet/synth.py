@@ -5,7 +5,7 @@ vendored in `napari_unet/templates`), made into a new subject each time by an af
 smooth elastic deformation, a change of ventricle size and cortical atrophy.
 
 The tumour is grown, not drawn: a Fisher-KPP reaction-diffusion model (tumour cells diffuse
-ten times faster along white matter than through grey matter and not into CSF), seeded in
+twenty times faster along white matter than through grey matter and not into CSF), seeded in
 white matter, sometimes at two sites. Its concentration gives the regions: the infiltrated
 low-density tail is the edema (so it follows white matter), the dense part the core; the core
 has a necrotic centre of irregular depth, an enhancing rim of varying thickness, often
@@ -216,12 +216,12 @@ def _grow(rng, subject: _Subject, seeds_mm, box_lo, spacing, n, head_centre) -> 
     return u
 
 
-def _tumour_labels(rng, u, brain, tissue_csf, tissue_white, voxel, shape) -> tuple[np.ndarray, np.ndarray]:
+def _tumour_labels(rng, u, brain, tissue_csf, tissue_white, voxel, extent, axes) -> tuple[np.ndarray, np.ndarray]:
     """Canonical labels from the tumour density at the output voxels, and where the core is
-    solid non-enhancing tumour (labelled with necrosis, but not looking like it)."""
+    solid non-enhancing tumour (labelled with necrosis, but not looking like it). `axes`: the
+    grid's 1D axes in mm from the corner of the `extent` box."""
+    shape = u.shape
     labels = np.zeros(shape, np.uint8)
-    extent = np.array(shape) * voxel
-    axes = [np.arange(n) * v for n, v in zip(shape, voxel)]
     wobble = _SmoothField(rng, extent, (14, 14, 9)).on_grid(axes)
     t_edema = rng.uniform(0.008, 0.08)
     t_core = rng.uniform(0.45, 0.7)
@@ -262,16 +262,8 @@ class Synthetic:
 
 def generate(
     rng: np.random.Generator, shape=BRATS_SHAPE, shift: float = 0.0, appearance: str = "standard"
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """One case in file voxel order: (images per modality as int16, canonical labels, affine)."""
-    case = generate_case(rng, shape, shift, appearance)
-    return case.images, case.labels, case.affine
-
-
-def generate_case(
-    rng: np.random.Generator, shape=BRATS_SHAPE, shift: float = 0.0, appearance: str = "standard"
 ) -> Synthetic:
-    """One case with the tissue it was made from (see the module's docstring)."""
+    """One case in file voxel order, with the tissue it was made from (see the module's docstring)."""
     if appearance not in APPEARANCES:
         raise ValueError(f"appearance must be one of {APPEARANCES}, not {appearance!r}")
     shape = tuple(int(s) for s in shape)
@@ -323,7 +315,7 @@ def generate_case(
         gm, csf = gm - lost, csf + lost
     brain = (csf + gm + wm) > 0.5
     tissue = np.stack([csf, gm, wm])
-    labels, solid = _tumour_labels(rng, u, brain, csf, wm, voxel, shape)
+    labels, solid = _tumour_labels(rng, u, brain, csf, wm, voxel, extent, grid_axes)
 
     # Tissue fractions: normal tissue, replaced by tumour where the labels say so.
     fractions = np.zeros((len(_TISSUES),) + shape, np.float32)
@@ -417,13 +409,13 @@ def synthetic_case(
     seed: int = 0, shift: float = 0.0, shape=BRATS_SHAPE, case_id: str | None = None, appearance: str = "standard"
 ) -> Case:
     """One synthetic case in memory, in the display orientation like any case read from disk."""
-    images, labels, affine = generate(np.random.default_rng(seed), shape, shift, appearance)
+    made = generate(np.random.default_rng(seed), shape, shift, appearance)
     case_id = case_id or f"synthetic_{seed:03d}"
-    source = _synthetic_source(case_id, affine, labels.shape)
+    source = _synthetic_source(case_id, made.affine, made.labels.shape)
     return Case(
         case_id,
-        {m: source.to_display(v.astype(np.float32)) for m, v in images.items()},
-        source.to_display(labels),
+        {m: source.to_display(v.astype(np.float32)) for m, v in made.images.items()},
+        source.to_display(made.labels),
         source,
     )
 
@@ -445,8 +437,8 @@ def write_dataset(
     written = []
     for i, case_id in enumerate(case_ids(layout, cases, start)):
         rng = np.random.default_rng([seed, start + i])
-        images, labels, affine = generate(rng, shape, shift, appearance)
-        image_paths, _ = write_case_files(out, layout, case_id, images, labels, affine)
+        made = generate(rng, shape, shift, appearance)
+        image_paths, _ = write_case_files(out, layout, case_id, made.images, made.labels, made.affine)
         written.append(image_paths["flair"] if layout == "msd" else image_paths["flair"].parent)
         if progress:
             progress(i + 1, cases)

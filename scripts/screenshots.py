@@ -84,15 +84,17 @@ def widget_screenshots(docs: Path) -> None:
 
 def real_case_screenshot(case_dir: Path, out: Path) -> None:
     """A real case: the default model's proposal (filled) beside its reference (outline)."""
-    import napari
+    import os
+    import tempfile
 
+    import napari
     from napari.utils.colormaps import DirectLabelColormap
 
     from napari_unet.app import open_viewer
-    from napari_unet.cases import read_labels
+    from napari_unet.cases import read_case
 
-    import os
-    import tempfile
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_real import reference  # the one reader of the dev cases' references (_seg or _wt)
 
     case_dir = case_dir.resolve()
     os.chdir(tempfile.mkdtemp())  # the store goes here, not beside the real case; no machine paths shown
@@ -103,12 +105,11 @@ def real_case_screenshot(case_dir: Path, out: Path) -> None:
     _wait(widget, app)
     widget.propose()
     _wait(widget, app)
-    seg = sorted(case_dir.glob("*_seg.nii*")) + sorted(case_dir.glob("*_wt.nii*"))
-    reference, _ = read_labels(seg[0])
-    layer = viewer.add_labels((reference > 0).astype(np.uint8), name="reference WT (outline)", opacity=1.0)
+    truth, _ = reference(case_dir, read_case(case_dir))
+    layer = viewer.add_labels((truth > 0).astype(np.uint8), name="reference WT (outline)", opacity=1.0)
     layer.colormap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: (1, 1, 1, 1)})
     layer.contour = 1
-    z = int(np.argmax((reference > 0).sum(axis=(1, 2))))
+    z = int(np.argmax((truth > 0).sum(axis=(1, 2))))
     widget.go_to_slice(z)
     viewer.reset_view()
     app.processEvents()

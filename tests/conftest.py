@@ -42,8 +42,7 @@ def expected_labels(seed: int, index: int, shape=SMALL) -> np.ndarray:
     """The canonical labels the generator made for case `index` (1-based) in file voxel order."""
     from napari_unet.synth import generate
 
-    _, labels, _ = generate(np.random.default_rng([seed, index]), shape, 0.0)
-    return labels
+    return generate(np.random.default_rng([seed, index]), shape, 0.0).labels
 
 
 # A model trained in seconds on coarse synthetic cases: the real network, the real loop.

@@ -62,17 +62,22 @@ def test_a_model_needing_all_four_refuses_naming_what_is_missing(tiny_model, two
     assert code == 2 and "missing t1ce, t2" in capsys.readouterr().err
 
 
-def test_session_and_finetune_work_on_a_two_modality_case(dropout_model, two_modality_case, tmp_path):
-    case = read_case(two_modality_case)
-    store = tmp_path / "store"
-    session = AnnotationSession(case.source, case.images, store, model=dropout_model)
+def _annotate(case, model, store, pick):
+    """Propose with `model`, correct the tumour slices `pick(tumour_slices)` chooses with the
+    case's own labels, save: (session, the proposal, the stored case folder)."""
+    session = AnnotationSession(case.source, case.images, store, model=model)
     labels = session.open_labels()
     prediction, _ = session.predict(device="cpu")
     session.merge_proposal(labels, prediction)
-    tumour = np.flatnonzero((case.labels > 0).any(axis=(1, 2)))
-    labels[tumour[:4]] = case.labels[tumour[:4]]
+    picked = pick(np.flatnonzero((case.labels > 0).any(axis=(1, 2))))
+    labels[picked] = case.labels[picked]
     session.collect_edits(labels)
-    case_dir = session.save(session.snapshot(labels))
+    return session, prediction, session.save(session.snapshot(labels))
+
+
+def test_session_and_finetune_work_on_a_two_modality_case(dropout_model, two_modality_case, tmp_path):
+    case = read_case(two_modality_case)
+    session, _, case_dir = _annotate(case, dropout_model, tmp_path / "store", lambda tumour: tumour[:4])
     assert sorted(p.name.split("_")[-1] for p in case_dir.glob("*.nii.gz")) == ["flair.nii.gz", "seg.nii.gz",
                                                                                "t1.nii.gz"]
     result = session.finetune(steps=3, device="cpu")
@@ -110,14 +115,7 @@ def test_finetuning_on_a_four_modality_case_keeps_the_model_working_on_two(
     """The fine-tune hides modalities as the base model's training did, so corrections made on a
     full case do not teach it to lean on T1ce and T2 that other cases lack."""
     full = read_case(dataset_factory("brats2021", cases=2, seed=14, shape=TRAIN_SHAPE)[1])
-    session = AnnotationSession(full.source, full.images, tmp_path / "store", model=dropout_model)
-    labels = session.open_labels()
-    prediction, _ = session.predict(device="cpu")
-    session.merge_proposal(labels, prediction)
-    tumour = np.flatnonzero((full.labels > 0).any(axis=(1, 2)))
-    labels[tumour[::2][:8]] = full.labels[tumour[::2][:8]]
-    session.collect_edits(labels)
-    session.save(session.snapshot(labels))
+    session, _, _ = _annotate(full, dropout_model, tmp_path / "store", lambda tumour: tumour[::2][:8])
     result = session.finetune(steps=40, device="cpu")
     assert load_model(result.path).metadata["training"]["modality_dropout"] == pytest.approx(0.4 / 3, abs=1e-3)
 
@@ -136,14 +134,7 @@ def test_one_two_or_three_modalities_are_read_proposed_and_finetuned(dropout_mod
         next(dst.glob(f"*_{m}.nii.gz")).unlink()
     case = read_case(dst)
     assert sorted(case.images) == sorted(kept)
-    session = AnnotationSession(case.source, case.images, tmp_path / "store", model=dropout_model)
-    labels = session.open_labels()
-    prediction, _ = session.predict(device="cpu")
+    session, prediction, _ = _annotate(case, dropout_model, tmp_path / "store", lambda tumour: tumour[:1])
     assert dice(prediction.labels > 0, case.labels > 0) > 0.2  # a tumour where the tumour is
-    session.merge_proposal(labels, prediction)
-    z = int(np.flatnonzero((case.labels > 0).any(axis=(1, 2)))[0])
-    labels[z] = case.labels[z]
-    session.collect_edits(labels)
-    session.save(session.snapshot(labels))
     result = session.finetune(steps=2, device="cpu")
     assert result.path.exists() and load_model(result.path).metadata["required_modalities"] == []

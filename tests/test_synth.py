@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_unet.labels import EDEMA, ENHANCING, NECROTIC
-from napari_unet.synth import generate_case
+from napari_unet.synth import generate
 
 SHAPE = (96, 96, 62)  # 2.5 mm voxels: the anatomy and tumour regions are still resolved
 
@@ -14,8 +14,8 @@ SHAPE = (96, 96, 62)  # 2.5 mm voxels: the anatomy and tumour regions are still 
 @pytest.fixture(scope="module")
 def cases():
     """Six cases of randomised appearance and six of the standard one."""
-    return [generate_case(np.random.default_rng([5, i]), SHAPE, appearance="random") for i in range(6)] + [
-        generate_case(np.random.default_rng([6, i]), SHAPE) for i in range(6)
+    return [generate(np.random.default_rng([5, i]), SHAPE, appearance="random") for i in range(6)] + [
+        generate(np.random.default_rng([6, i]), SHAPE) for i in range(6)
     ]
 
 
@@ -72,7 +72,7 @@ def test_tumours_vary_from_case_to_case(cases):
     assert max(whole) > 2 * min(whole)
     enhancing = [np.count_nonzero(c.labels == ENHANCING) > 0 for c in cases]
     assert any(enhancing)
-    rng_cases = [generate_case(np.random.default_rng([9, i]), (48, 48, 32)) for i in range(12)]
+    rng_cases = [generate(np.random.default_rng([9, i]), (48, 48, 32)) for i in range(12)]
     assert any(np.count_nonzero(c.labels) and not (c.labels == ENHANCING).any() for c in rng_cases)
 
 
@@ -86,8 +86,8 @@ def test_each_subject_is_a_deformed_brain(cases):
 
 
 def test_random_appearance_changes_the_contrast_not_the_anatomy():
-    a = generate_case(np.random.default_rng(3), (48, 48, 32), appearance="standard")
-    b = generate_case(np.random.default_rng(3), (48, 48, 32), appearance="random")
+    a = generate(np.random.default_rng(3), (48, 48, 32), appearance="standard")
+    b = generate(np.random.default_rng(3), (48, 48, 32), appearance="random")
     np.testing.assert_array_equal(a.labels, b.labels)
     brain = _brain(a)
     ratio = lambda c: c.images["t1"][brain].astype(float).mean() / c.images["flair"][brain].astype(float).mean()  # noqa: E731
@@ -95,8 +95,8 @@ def test_random_appearance_changes_the_contrast_not_the_anatomy():
 
 
 def test_the_same_seed_gives_the_same_case():
-    a = generate_case(np.random.default_rng(4), (48, 48, 32), appearance="random")
-    b = generate_case(np.random.default_rng(4), (48, 48, 32), appearance="random")
+    a = generate(np.random.default_rng(4), (48, 48, 32), appearance="random")
+    b = generate(np.random.default_rng(4), (48, 48, 32), appearance="random")
     np.testing.assert_array_equal(a.labels, b.labels)
     for m in a.images:
         np.testing.assert_array_equal(a.images[m], b.images[m])

@@ -502,8 +502,8 @@ def finetune(
     if not settings.modality_dropout:
         # Some of the base model's dropout, or a few corrected four-modality slices teach it to
         # lean on modalities that other cases lack; a third of it, so most steps still learn from
-        # the corrections as they were seen (bench_real: the other real cases keep their Dice;
-        # bench_hitl: the new scanner's gain is kept).
+        # the corrections as they were seen (bench_real: the other real cases keep their Dice; the
+        # new-scanner fine-tune test: WT 0.60 -> 0.68 at a third, 0.59 at the full dropout).
         settings.modality_dropout = round(float(base_training.get("modality_dropout") or 0.0) / 3, 4)
     metadata = dict(loaded.metadata)
     metadata["training"] = {
