@@ -20,14 +20,28 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `final` (ending in `suffix`); rename it to `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    stem = final.name[: -len(suffix)] if suffix and final.name.endswith(suffix) else final.name
-    tmp = final.with_name(f".{stem}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}{suffix}")
+    tmp = partial_path(final, suffix)
     try:
         yield tmp
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def partial_path(final: str | os.PathLike, suffix: str = "") -> Path:
+    """A new hidden temporary name beside `final` (ending in `suffix`, which nibabel reads)."""
+    final = Path(final)
+    stem = final.name[: -len(suffix)] if suffix and final.name.endswith(suffix) else final.name
+    return final.with_name(f".{stem}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def partials_of(final: str | os.PathLike) -> list[Path]:
+    """The temporary files left beside `final` by writes of it that did not finish."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    return sorted(p for p in final.parent.glob(f".{final.name}{PARTIAL_MARK}*") if p.is_file())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

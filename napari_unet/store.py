@@ -11,14 +11,25 @@ Slice index: a slice is numbered along the file's voxel axis that runs closest t
 superior-inferior axis, counting in the file's own voxel order (for BraTS files: the third
 voxel axis). That holds for any orientation; `CaseSource` converts it to and from the axial
 index of the display. Tools other than napari (ITK-SNAP, 3D Slicer) can write the same store:
-only `reviewed_slices` is required. Every write is atomic; temporary files are hidden and
-removed when a later save finds them.
+only `reviewed_slices` is required.
+
+A save is one step as every reader sees it. The segmentation and its corrections.json cannot be
+renamed into place together, so the new corrections.json is first written under a hidden
+temporary name, holding the SHA-256 of the new segmentation (`segmentation_sha256`); renaming the
+segmentation into place is the commit, and corrections.json follows. A kill before the commit
+leaves the previous pair; a kill after it leaves the new segmentation with its record still
+hidden, and readers take that record because it names the segmentation now in place (no reader
+ever pairs new labels with the old review). The next save finishes such a save first, then
+removes the temporary files. A corrections.json without `segmentation_sha256` (written by hand,
+or by another tool) is simply trusted.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.atomic import atomic_path, remove_stale_partials, write_text
-from napari_unet.cases import CaseSource, layout_paths, read_labels, write_case_files, write_labels
+from napari_unet.atomic import atomic_path, partial_path, partials_of, remove_stale_partials
+from napari_unet.cases import CaseSource, labels_to_nifti, layout_paths, read_labels, write_case_files
 
 CORRECTIONS_FILE = "corrections.json"
 AXIS = "the file's voxel axis nearest to superior-inferior, in file voxel order"
@@ -79,11 +90,11 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
     if source.layout != "msd":  # a case lacking a modality is stored without it
         have = set(images or {}) | {m for m in source.files if m != "seg"}
         image_paths = {m: p for m, p in image_paths.items() if m in have}
+    _finish_interrupted_save(seg, record_path)  # before its hidden record is swept away below
     for folder in {seg.parent, record_path.parent, *(p.parent for p in image_paths.values())}:
         remove_stale_partials(folder)
     if not all(p.exists() for p in image_paths.values()):
         _write_images(store, source, image_paths, images)
-    write_labels(labels, source, seg)
     record = {
         "reviewed_slices": sorted(source.axial_to_file_index(z) for z in corrections.reviewed),
         "edited_slices": sorted(source.axial_to_file_index(z) for z in corrections.edited),
@@ -92,8 +103,63 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
         "model": corrections.model,
         "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_text(record_path, json.dumps(record, indent=1))
+    img = labels_to_nifti(labels, source)
+    seg_tmp = partial_path(seg, ".nii.gz" if seg.name.lower().endswith(".gz") else ".nii")
+    record_tmp = partial_path(record_path)
+    committed = False
+    try:
+        seg.parent.mkdir(parents=True, exist_ok=True)
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        img.to_filename(str(seg_tmp))  # the temporary name keeps the extension: nibabel compresses by it
+        record["segmentation_sha256"] = _sha256(seg_tmp)
+        record_tmp.write_text(json.dumps(record, indent=1))
+        os.replace(seg_tmp, seg)  # the commit: from here readers take the hidden record with it
+        committed = True
+        os.replace(record_tmp, record_path)
+    finally:
+        # Before the commit the previous state stands whole: drop the halves of the new one. After
+        # it, a record that could not be renamed is still the one readers take; leave it.
+        for tmp in (seg_tmp,) if committed else (seg_tmp, record_tmp):
+            if tmp.exists():
+                tmp.unlink()
     return record_path.parent if record_path.name == CORRECTIONS_FILE else seg
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _committed_record(seg: Path, record_path: Path) -> Path:
+    """The corrections.json that belongs to the segmentation in place: corrections.json itself, or
+    the hidden record of a save killed between its commit and the rename of its record."""
+    pending = partials_of(record_path)
+    if not pending or not seg.is_file():  # the usual case: nothing to hash
+        return record_path
+    current = _sha256(seg)
+    if record_path.is_file() and _recorded_sha256(record_path) == current:
+        return record_path
+    for path in pending:
+        if _recorded_sha256(path) == current:
+            return path
+    return record_path  # hidden records of saves that never committed: not data
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None  # a record cut short by a kill before its save committed
+    return data.get("segmentation_sha256") if isinstance(data, dict) else None
+
+
+def _finish_interrupted_save(seg: Path, record_path: Path) -> None:
+    committed = _committed_record(seg, record_path)
+    if committed != record_path:
+        os.replace(committed, record_path)
 
 
 def _write_images(store, source: CaseSource, paths: dict[str, Path], images: dict[str, np.ndarray] | None) -> None:
@@ -122,12 +188,17 @@ def read(store: str | Path, source: CaseSource) -> tuple[np.ndarray, Corrections
     expected = tuple(source.to_display(np.empty(source.shape, np.uint8)).shape)
     if labels.shape != expected:
         raise NapariUnetError(f"{seg}: shape {labels.shape} in the store differs from the open case {expected}")
-    return labels, _read_record(record_path, source) or Corrections()
+    return labels, _read_record(_committed_record(seg, record_path), source) or Corrections()
 
 
 def read_corrections(case_dir_or_file: str | Path, source: CaseSource) -> Corrections | None:
-    """The validated corrections.json of a store case, in display indices (None: there is none)."""
-    return _read_record(corrections_path(Path(case_dir_or_file)), source)
+    """The validated corrections.json of a store case, in display indices (None: there is none).
+
+    The record taken is the one of the segmentation in place (see the module's docstring).
+    """
+    record_path = corrections_path(Path(case_dir_or_file))
+    seg = Path(source.files["seg"]) if source.files.get("seg") else None
+    return _read_record(_committed_record(seg, record_path) if seg else record_path, source)
 
 
 def _read_record(path: Path, source: CaseSource) -> Corrections | None:
