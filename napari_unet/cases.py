@@ -306,7 +306,9 @@ def _load(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError:
-        raise NapariUnetError(f"{path}: not a NIfTI file") from None
+        img = _load_uncompressed_gz(path)
+        if img is None:
+            raise NapariUnetError(f"{path}: not a NIfTI file") from None
     except PermissionError:
         raise NapariUnetError(f"{path}: permission denied") from None
     except Exception as err:  # noqa: BLE001  (a damaged header fails in many ways inside nibabel)
@@ -325,6 +327,24 @@ def _load(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     except Exception as err:  # noqa: BLE001
         raise NapariUnetError(f"{path}: the file is damaged or truncated ({type(err).__name__}: {err})") from None
     return data, img
+
+
+def _load_uncompressed_gz(path: Path):
+    """A .nii.gz that was never compressed (a renamed .nii; some converters write them), read as
+    the .nii it is; None when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            if not path.name.lower().endswith(".gz") or f.read(2) == b"\x1f\x8b":  # the gzip magic
+                return None
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return image_class.from_bytes(raw)
+        except Exception:  # noqa: BLE001  (not this kind of header: the caller says "not a NIfTI file")
+            continue
+    return None
 
 
 def _check_affine(img, path: Path) -> None:
@@ -481,9 +501,8 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
     if ref_img is None and seg_img is None:
         raise NapariUnetError(f"{files.path}: nothing to read")
     convention = ""
-    if seg_raw is not None and files.layout in ("brats2020", "brats2021"):
-        if (np.asarray(seg_raw) == 3).any():  # BraTS 2013-2015 files also mark non-enhancing tumour
-            convention = "brats2015"
+    if seg_raw is not None and detect_convention(files.layout, seg_raw) != LAYOUT_CONVENTION[files.layout]:
+        convention = detect_convention(files.layout, seg_raw)
     geometry_img = ref_img if ref_img is not None else seg_img
     source = make_source(
         files.layout,
@@ -546,11 +565,12 @@ def _keep_non_enhancing(values: np.ndarray, source: CaseSource) -> np.ndarray:
     if not seg or not Path(seg).is_file():
         return values
     try:
-        original = source.to_display(np.asarray(nib.load(seg).dataobj))
-    except Exception:  # noqa: BLE001  (the source changed or went bad: necrosis is still right)
+        data = _check_3d(_load(Path(seg))[0], Path(seg))
+    except NapariUnetError:  # the source went bad since it was opened: necrosis is still right
         return values
-    if original.shape != values.shape:
+    if tuple(data.shape) != tuple(source.shape):  # the source was replaced by another volume
         return values
+    original = source.to_display(np.asarray(data))
     return np.where((original == 3) & (values == 1), np.uint8(3), values)
 
 
@@ -612,34 +632,49 @@ def write_case_files(
     return image_paths, seg_path
 
 
+def detect_convention(layout: str, values: np.ndarray) -> str:
+    """The label convention of a segmentation of `layout` holding `values`.
+
+    The one detector, for a case and for a bare label file alike: BraTS 2013-2015 files are
+    named like those of 2017-2021 and hold the same 1, 2, 4, but also mark non-enhancing
+    tumour with 3, which later BraTS 2017-2021 files never hold.
+    """
+    convention = LAYOUT_CONVENTION[layout]
+    if convention in ("brats2020", "brats2021") and (np.asarray(values) == 3).any():
+        return "brats2015"
+    return convention
+
+
 def guess_convention(path: Path, values: np.ndarray | None = None) -> str:
     """The label convention of a bare label file, from the case naming or else its values."""
     stem = case_id_of(path)
     parent = path.parent.name
     if stem.startswith(("BraTS-", "BraTS2023")) or parent.startswith("BraTS-"):
-        return "brats2023"
-    if stem.startswith(("BraTS20", "BraTS2021")) or parent.startswith(("BraTS20", "BraTS2021")):
-        return "brats2020"
-    if stem.startswith("BRATS_") or parent == "labelsTr":
-        return "msd"
-    if values is not None:
-        found = np.unique(values).tolist()
-        if 4 in found:
-            return "brats2015" if 3 in found else "brats2020"
-    return "canonical"
+        layout = "brats2023"
+    elif stem.startswith(("BraTS20", "BraTS2021")) or parent.startswith(("BraTS20", "BraTS2021")):
+        layout = "brats2020"
+    elif stem.startswith("BRATS_") or parent == "labelsTr":
+        layout = "msd"
+    elif values is not None and (np.asarray(values) == 4).any():  # 4: enhancing in BraTS 2013-2021 only
+        layout = "brats2020"
+    else:
+        return "canonical"
+    return detect_convention(layout, values) if values is not None else LAYOUT_CONVENTION[layout]
 
 
 def read_labels(path: str | os.PathLike, convention: str | None = None) -> tuple[np.ndarray, CaseSource]:
     """A label volume (a case folder's segmentation or a bare file) -> canonical display labels."""
     path = Path(path)
+    layout = None
     if path.is_dir():
         files = find_case(path)
         if files.seg is None:
             raise NapariUnetError(f"{path}: the case has no segmentation file")
-        path = files.seg
+        path, layout = files.seg, files.layout
     data, img = _load(path)
     data = _check_3d(data, path)
-    convention = convention or guess_convention(path, data)
+    if not convention:  # a case folder's layout is known; a bare file's is guessed from its name
+        convention = detect_convention(layout, data) if layout else guess_convention(path, data)
     layout = {"canonical": "single"}.get(convention, convention)
     source = make_source(layout, case_id_of(path), path, img, label_dtype=str(np.dtype(img.get_data_dtype())))
     return source.to_display(to_canonical(data, convention, str(path))), source

@@ -16,6 +16,7 @@ from napari_unet.cases import (
     find_case,
     find_cases,
     read_case,
+    read_labels,
     write_case_files,
     write_labels,
 )
@@ -185,6 +186,33 @@ def test_brats2015_labels_read_as_core_and_write_back_exactly(good_case, tmp_pat
     assert nib.load(out).get_data_dtype() == np.float32
 
 
+def test_a_case_and_its_bare_label_file_agree_on_brats2015_labels(good_case, tmp_path):
+    """A BraTS2021-named segmentation holding 2015 labels reads alike as a case, a case folder's
+    labels and a bare file (evaluate reads bare files): one detector of the convention."""
+    from napari_unet.evaluation import evaluate
+
+    reference = read_case(good_case).labels
+
+    def to_2015(seg):
+        out = seg.copy()
+        core = np.argwhere(seg == 1)
+        out[tuple(core[: len(core) // 2].T)] = 3
+        return out
+
+    _rewrite(good_case, "seg", to_2015)
+    seg_file = next(good_case.glob("*_seg.nii.gz"))
+    assert seg_file.name.startswith("BraTS2021")
+    np.testing.assert_array_equal(read_case(good_case).labels, reference)
+    for path in (seg_file, good_case):
+        labels, source = read_labels(path)
+        assert source.convention == "brats2015"
+        np.testing.assert_array_equal(labels, reference)
+    prediction = tmp_path / "predictions" / f"{good_case.name}.nii.gz"  # as `predict` names its files
+    prediction.parent.mkdir()
+    prediction.write_bytes(seg_file.read_bytes())
+    assert evaluate(prediction.parent, good_case)["mean"]["WT"]["dice"] == 1.0
+
+
 def test_zscored_images_with_a_negative_background_are_shifted_to_zero(good_case):
     reference = read_case(good_case)
     for m in MODALITIES:
@@ -260,9 +288,12 @@ def test_truncated_gz(good_case):
 
 
 def test_uncompressed_gz_named_file_is_read(good_case):
-    """A .nii.gz that is really gzip-compressed reads; this guards the test above."""
+    """A .nii.gz holding an uncompressed .nii (a renamed file) reads as the same volume."""
+    reference = read_case(good_case).images["flair"]
     flair = next(good_case.glob("*_flair.nii.gz"))
-    assert gzip.decompress(flair.read_bytes())[:4] != b""
+    flair.write_bytes(gzip.decompress(flair.read_bytes()))
+    assert flair.read_bytes()[:2] != b"\x1f\x8b"  # no longer gzip
+    np.testing.assert_array_equal(read_case(good_case).images["flair"], reference)
 
 
 def test_label_values_outside_the_convention(good_case):
