@@ -25,7 +25,6 @@ from napari_unet import store as store_format
 from napari_unet.cases import CaseSource
 from napari_unet.labels import ENHANCING, LABEL_NAMES
 
-DEFAULT_MODEL = "default"
 # BraTS 2017-2021 files and napari's "new label" button both lead annotators to paint 4, which
 # is enhancing tumour in those files; canonical enhancing is 3.
 _BRATS_ENHANCING = 4
@@ -93,7 +92,7 @@ class AnnotationSession:
             labels, corrections = saved
             self.reviewed, self.edited = set(corrections.reviewed), set(corrections.edited)
             self.proposal_model = corrections.model
-            if corrections.model not in (None, DEFAULT_MODEL) and Path(corrections.model).is_file():
+            if corrections.model not in (None, store_format.SHIPPED_MODEL_NAME) and Path(corrections.model).is_file():
                 self.model_path = Path(corrections.model)
         self.track(labels)
         return labels
@@ -188,7 +187,8 @@ class AnnotationSession:
     # ------------------------------------------------------------------ the model
     @property
     def model_name(self) -> str:
-        return str(self.model_path) if self.model_path else DEFAULT_MODEL
+        """How the store records the current model: its path, or the shipped model's name."""
+        return str(self.model_path) if self.model_path else store_format.SHIPPED_MODEL_NAME
 
     def set_model(self, path: str | Path | None) -> None:
         self.model_path = Path(path) if path else None

@@ -41,6 +41,9 @@ from napari_unet.atomic import atomic_path, partial_path, partials_of, remove_st
 from napari_unet.cases import CaseSource, labels_to_nifti, layout_paths, read_labels, write_case_files
 
 CORRECTIONS_FILE = "corrections.json"
+# The `model` a corrections.json records for proposals of the model shipped with the package
+# (any other model is recorded by its file path).
+SHIPPED_MODEL_NAME = "default"
 AXIS = "the file's voxel axis nearest to superior-inferior, in file voxel order"
 # A corrections.json is a few kB; anything far larger is not one (and would be slow to parse).
 MAX_CORRECTIONS_BYTES = 4 * 2**20
@@ -52,7 +55,7 @@ class Corrections:
 
     reviewed: set[int] = field(default_factory=set)
     edited: set[int] = field(default_factory=set)
-    model: str | None = None  # the model that made the proposals the labels started from
+    model: str | None = None  # the model that made the proposals the labels started from (SHIPPED_MODEL_NAME or a path)
 
 
 def corrections_path(case_dir_or_file: Path) -> Path:

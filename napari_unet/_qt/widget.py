@@ -38,7 +38,7 @@ from napari_unet._qt.plot import LossPlot
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC
 from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
 
-DEFAULT_MODEL = "shipped default model"
+SHIPPED_MODEL_ITEM = "shipped default model"  # the model menu's entry for the packaged model
 DEFAULT_STORE = "napari-unet-corrections"
 WIDGET_NAME = "Tumour annotation (U-Net)"
 _KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next",
@@ -50,6 +50,7 @@ class _Bridge(QObject):
 
     progress = Signal(int, int, object)
     saved = Signal(str, bool)  # text, is_error
+    failed = Signal(str)  # a background task that nobody waits on went wrong
 
 
 def _with_button(field: QWidget, text: str, slot) -> QHBoxLayout:
@@ -110,16 +111,20 @@ class AnnotationWidget(QWidget):
         self._bridge = _Bridge(self)  # a child: destroyed with the widget, so late signals go nowhere
         self._bridge.progress.connect(self._on_progress)
         self._bridge.saved.connect(self._on_saved)
+        self._bridge.failed.connect(self._error)
         # Saving runs on its own thread: painting never waits for a NIfTI file to be written.
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-save")
         self._pending_save: Future | None = None
+        # Loading torch and the model takes seconds: on a thread of its own, so no save waits behind it.
+        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-warm-up")
         self._save_timer = QTimer(self, singleShot=True, interval=300)
         self._save_timer.timeout.connect(self.save)
         self._edit_timer = QTimer(self, singleShot=True, interval=50)
         self._edit_timer.timeout.connect(self._collect_edits)
         self._build()
         self._connections: list[tuple] = []  # (emitter, callback), disconnected on teardown
-        self._release = functools.partial(_release, self.viewer, self._connections, self._saver, self._cancel)
+        self._release = functools.partial(_release, self.viewer, self._connections, self._saver, self._warmer,
+                                          self._cancel)
         self.destroyed.connect(self._release)
         # Deferred: a reader adds several layers in a row; attach once they are all in.
         self._connect(self.viewer.layers.events.inserted, self._schedule_attach)
@@ -139,7 +144,7 @@ class AnnotationWidget(QWidget):
         box = QGroupBox("Model")
         form = QFormLayout(box)
         self.model_combo = QComboBox()
-        self.model_combo.addItem(DEFAULT_MODEL)
+        self.model_combo.addItem(SHIPPED_MODEL_ITEM)
         form.addRow("model", _with_button(self.model_combo, "File…", self._browse_model))
         self.model_combo.currentIndexChanged.connect(self._model_changed)
         self.device_combo = QComboBox()
@@ -365,19 +370,28 @@ class AnnotationWidget(QWidget):
             metadata={META_KEY: {"source": self.session.source.to_dict(), "role": "uncertainty"}})
 
     def _warm_up(self) -> None:
-        """Load torch and the model in the background while the user looks at the case."""
+        """Load torch and the model in the background while the user looks at the case.
+
+        A failure (a bad model file, torch that cannot load) is shown as it happens.
+        """
         session, device, tta = self.session, self.device_combo.currentText(), self.tta_check.isChecked()
+        bridge = self._bridge
 
         def load():
-            try:
-                from training.loop import warm_up
+            from training.loop import warm_up
 
-                session.predictor(device, tta)
-                warm_up()
-            except Exception:  # noqa: BLE001  (a bad model is reported when the user proposes)
-                pass
+            session.predictor(device, tta)
+            warm_up()
 
-        self._warming = self._saver.submit(load)
+        def report(future: Future) -> None:
+            if future.cancelled() or future.exception() is None:
+                return
+            err = future.exception()
+            text = str(err) if isinstance(err, NapariUnetError) else f"{type(err).__name__}: {err}"
+            _emit(bridge.failed, f"the model could not be loaded: {text}")
+
+        self._warming = self._warmer.submit(load)
+        self._warming.add_done_callback(report)
 
     # ------------------------------------------------------------------ model and store
     def _browse_model(self) -> None:
@@ -397,7 +411,7 @@ class AnnotationWidget(QWidget):
 
     def _combo_model(self) -> Path | None:
         text = self.model_combo.currentText()
-        return None if text == DEFAULT_MODEL else Path(text)
+        return None if text == SHIPPED_MODEL_ITEM else Path(text)
 
     @property
     def model_path(self) -> Path | None:
@@ -714,7 +728,8 @@ class AnnotationWidget(QWidget):
         super().closeEvent(event)
 
 
-def _release(viewer, connections: list, saver: ThreadPoolExecutor, cancel: threading.Event) -> None:
+def _release(viewer, connections: list, saver: ThreadPoolExecutor, warmer: ThreadPoolExecutor,
+             cancel: threading.Event) -> None:
     """Undo what the widget connected. A plain function: it also runs from `destroyed`, when
     napari deletes the widget with its window without closing it first."""
     cancel.set()
@@ -729,4 +744,5 @@ def _release(viewer, connections: list, saver: ThreadPoolExecutor, cancel: threa
             viewer.bind_key(key, None)
         except (KeyError, ValueError):
             pass
+    warmer.shutdown(wait=False, cancel_futures=True)  # nothing needs the model any more
     saver.shutdown(wait=True)  # the last save finishes

@@ -338,6 +338,44 @@ def test_a_bad_model_file_is_a_notification_not_a_crash(annotator, wait_idle, tm
     assert "bad.safetensors" in widget.status.text() and "not a safetensors model" in widget.status.text()
 
 
+def test_saves_do_not_wait_for_the_model_warm_up_and_its_failure_is_shown(make_napari_viewer, case_a, tmp_path,
+                                                                         qtbot, wait_idle, monkeypatch):
+    import threading
+
+    import training.loop
+    from napari.utils import notifications
+
+    shown = []
+    monkeypatch.setattr(notifications, "show_error", shown.append)
+    loading = threading.Event()  # the warm-up holds until the test lets it go: a slow first import of torch
+    monkeypatch.setattr(training.loop, "warm_up", lambda: loading.wait(WAIT / 1000))
+    viewer = make_napari_viewer()
+    widget = AnnotationWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.set_store(tmp_path / "store")
+    viewer.open(case_a, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    widget.annotation_layer.data_setitem((np.array([25]), np.array([40]), np.array([40])), EDEMA)
+    widget._collect_edits()
+    widget.save().result(timeout=30)  # written while the model is still loading (held for WAIT)
+    assert widget.busy  # (still loading)
+    assert _stored_labels(tmp_path / "store" / case_a.name)[25, 40, 40] == EDEMA
+    loading.set()
+    wait_idle(widget)
+    assert not shown
+
+    # A model that cannot be loaded is named as soon as the warm-up finds it, before any proposal.
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    widget.set_model(bad)
+    viewer.layers.clear()
+    viewer.open(case_a, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    qtbot.waitUntil(lambda: bool(shown), timeout=WAIT)
+    assert "could not be loaded" in shown[0] and "bad.safetensors" in shown[0] and "not a safetensors" in shown[0]
+    assert shown[0] == widget.status.text()
+
+
 def test_closing_the_widget_saves_and_releases_keys(annotator, tmp_path, qtbot, case_a):
     viewer, widget = annotator
     layer = widget.annotation_layer
