@@ -107,6 +107,7 @@ class AnnotationWidget(QWidget):
         self._what = ""
         self._napari_bar = None
         self._warming: Future | None = None
+        self._review_next_at: int | None = None  # the slice Review next last went to
         self._cancel = threading.Event()
         self._bridge = _Bridge(self)  # a child: destroyed with the widget, so late signals go nowhere
         self._bridge.progress.connect(self._on_progress)
@@ -291,6 +292,7 @@ class AnnotationWidget(QWidget):
             self._error(str(err))
             return
         self.session = session
+        self._review_next_at = None
         for layer in image_layers.values():
             layer.visible = layer.metadata[META_KEY]["modality"] in ("flair", "image")
         self._show_annotation(labels)
@@ -518,13 +520,16 @@ class AnnotationWidget(QWidget):
         if self.session is None or self.session.slice_scores is None:
             self._message("propose first: the ranking comes from the model's uncertainty")
             return None
-        z = self.session.next_to_review(self.current_slice())
+        # Pressed again on the slice it went to: the next one down. From anywhere else: the top.
+        again = self._review_next_at is not None and self.current_slice() == self._review_next_at
+        z = self.session.next_to_review(self._review_next_at if again else None)
+        self._review_next_at = z
         if z is None:
             self._message("every slice with brain has been reviewed")
             return None
         self.go_to_slice(z)
-        self._message(f"slice {z}: about {self.session.slice_scores[z]:.0f} voxels the model is unsure of "
-                      "(the most among unreviewed slices)")
+        where = "the next down the ranking" if again else "the most among unreviewed slices"
+        self._message(f"slice {z}: about {self.session.slice_scores[z]:.0f} voxels the model is unsure of ({where})")
         return z
 
     def _collect_edits(self) -> None:

@@ -11,7 +11,9 @@ from conftest import WAIT
 from viewing import shown_label_pixels, tumour_slice
 from qtpy.QtCore import Qt
 
-from napari_unet._qt.widget import AnnotationWidget
+from napari.utils.key_bindings import coerce_keybinding
+
+from napari_unet._qt.widget import _KEYS, AnnotationWidget
 from napari_unet.cases import read_case
 from napari_unet.labels import EDEMA, ENHANCING
 from napari_unet.metrics import dice
@@ -72,17 +74,20 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
     wait_idle(widget)
     layer = widget.annotation_layer
     first = np.array(layer.data)
-    # On this other look the shipped model is far from perfect (bench_hitl: held-out WT 0.69); it finds the tumour.
-    assert first.any() and dice(first > 0, truth > 0) > 0.05
+    # On this other scanner's look the shipped model is not perfect (bench_hitl: held-out WT 0.69; here 0.79).
+    assert dice(first > 0, truth > 0) > 0.6
     assert layer.visible and viewer.layers[-1] is layer
     assert widget.progress_bar.text() == ""  # not left at "proposing 100%"
 
-    # Review next jumps to the most uncertain slice; pressed again, to the next one.
+    # Review next jumps to the slice the model is least sure of; pressed again, to the next one down.
+    scores = np.asarray(widget.session.slice_scores, float)
     widget.next_btn.click()
     z_next = widget.current_slice()
+    assert scores[z_next] == np.nanmax(scores)
     assert "voxels the model is unsure of" in widget.status.text()
     press(viewer, "N")
-    assert widget.current_slice() != z_next
+    z_second = widget.current_slice()
+    assert z_second != z_next and scores[z_second] == np.nanmax(np.delete(scores, z_next))
 
     # Paint corrections on two tumour slices through the Labels layer's own API.
     tumour_slices = np.flatnonzero((truth > 0).any(axis=(1, 2)))
@@ -124,7 +129,13 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
     np.testing.assert_array_equal(after[[z1, z2]], truth[[z1, z2]])  # the user's labels stayed
     np.testing.assert_array_equal(after[z3], kept_z3)
     keep = np.setdiff1d(np.arange(len(truth)), [z1, z2, z3])
-    assert dice(after[keep] > 0, truth[keep] > 0) >= dice(first[keep] > 0, truth[keep] > 0) - 0.01
+    # The unreviewed slices hold the fine-tuned model's own proposal, nearer the truth than the
+    # first (three corrected slices, 30 steps: WT 0.79 -> 0.82 when this was written).
+    assert dice(after[keep] > 0, truth[keep] > 0) > dice(first[keep] > 0, truth[keep] > 0)
+    refit, _ = widget.session.predict(device="cpu")
+    keep = np.intersect1d(keep, refit.computed_slices)
+    np.testing.assert_array_equal(after[keep], refit.labels[keep])
+    assert (after[keep] != first[keep]).any()
     _wait_saved(qtbot, case_dir, lambda r, labels: r["model"] == str(widget.model_path))
 
     # A new window on the same case: the labels, the review and the fine-tuned model come back.
@@ -319,13 +330,23 @@ def test_current_slice_proposal_touches_only_that_slice(annotator, wait_idle):
     assert data[z].any() and not np.delete(data, z, axis=0).any()
 
 
-def test_cancel_leaves_the_labels_as_they_were(annotator, wait_idle):
-    viewer, widget = annotator
+def test_cancel_leaves_the_labels_as_they_were(make_napari_viewer, dataset_factory, tmp_path, qtbot, wait_idle):
+    # A full-size case: the proposal runs for seconds, so it is cancelled mid-way.
+    case_path = dataset_factory("brats2021", cases=1, seed=31, shape=BRATS_SHAPE, shift=1.0)[0]
+    viewer = make_napari_viewer()
+    widget = AnnotationWidget(viewer)
+    widget.set_store(tmp_path / "store")
+    viewer.open(case_path, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    wait_idle(widget)  # the model loaded
     widget.propose_volume_btn.click()
+    qtbot.waitUntil(lambda: widget.progress_bar.maximum() > 1, timeout=WAIT)  # the slices are going through
+    assert widget.busy and widget.cancel_btn.isEnabled()
     widget.cancel_btn.click()
     wait_idle(widget)
+    assert "proposing cancelled" in widget.status.text()
     assert not np.asarray(widget.annotation_layer.data).any()
-    assert "cancelled" in widget.status.text()
+    assert widget.session.slice_scores is None  # nothing of the cancelled proposal was taken
 
 
 def test_a_bad_model_file_is_a_notification_not_a_crash(annotator, wait_idle, tmp_path):
@@ -380,7 +401,9 @@ def test_closing_the_widget_saves_and_releases_keys(annotator, tmp_path, qtbot, 
     viewer, widget = annotator
     layer = widget.annotation_layer
     layer.data_setitem((np.array([25]), np.array([40]), np.array([40])), EDEMA)
+    bound = {str(coerce_keybinding(key)) for key in _KEYS}  # napari's spelling: "Shift+R"
+    assert bound <= {str(k) for k in viewer.keymap}
     widget.close()
     case_dir = tmp_path / "store" / case_a.name
     assert _stored_labels(case_dir)[25, 40, 40] == EDEMA
-    assert not any("Shift-R" in str(k) for k in viewer.keymap)
+    assert not bound & {str(k) for k in viewer.keymap}
