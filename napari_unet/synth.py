@@ -7,17 +7,32 @@ smooth elastic deformation, a change of ventricle size and cortical atrophy.
 The tumour is grown, not drawn: a Fisher-KPP reaction-diffusion model (tumour cells diffuse
 twenty times faster along white matter than through grey matter and not into CSF), seeded in
 white matter, sometimes at two sites. Its concentration gives the regions: the infiltrated
-low-density tail is the edema (so it follows white matter), the dense part the core; the core
-has a necrotic centre of irregular depth, an enhancing rim of varying thickness, often
-incomplete, and about one tumour in five is non-enhancing (low grade, labelled as core). The
-tumour displaces the anatomy around it (mass effect).
+low-density tail is the edema (so it follows white matter, its signal fading at the edge), the
+dense part the core. The tumour displaces the anatomy around it (mass effect).
 
-Appearance follows the physics of each contrast (FLAIR suppresses CSF and shows edema, T2 shows
-fluid and edema, T1ce lights up the enhancing rim and vessels against T1, necrosis is dark on
-T1ce). `appearance="standard"` gives one look (and `shift` moves it towards another scanner);
-`appearance="random"` randomises every tissue's brightness within those orderings, the bias
-field, noise, blur, gamma and thick-slice acquisitions per case and contrast, in the manner of
-SynthSeg's domain randomisation, which is what the shipped model is trained on.
+The core is made to look like a real glioma's, because a model trained here can only learn the
+differences the generator shows (Menze et al. 2015, Bakas et al. 2018):
+- its surface is lobulated at two scales (the density's level set moved in and out by smooth
+  random fields), not the smooth blob a reaction-diffusion front gives;
+- high grade (four in five): an enhancing rim of irregular thickness with gaps of solid
+  non-enhancing wall, a necrotic centre (mostly) with solid tumour mixed in, and no dither:
+  enhancing specks of a few voxels are made core, bar a handful;
+- low grade (one in five): no enhancement and no necrosis, a large solid non-enhancing core
+  and modest edema;
+- a cyst in about one tumour in five: a CSF-like pocket, labelled necrotic core as BraTS does;
+- each tissue its own brightness per contrast, so that the sub-regions differ across contrasts
+  as they do in patients: solid non-enhancing tumour bright on T2 but darker than edema on T1
+  and usually on FLAIR; necrosis near CSF on T2 and dark on T1 and T1ce; edema bright on FLAIR
+  and T2, mildly dark on T1; and a multiplicative texture inside the tumour, strong in the
+  core's tissues (10-25 %) and mild in edema, partly shared between contrasts.
+
+Appearance otherwise follows the physics of each contrast (FLAIR suppresses CSF, T2 shows
+fluid, T1ce lights up the enhancing rim and vessels against T1). `appearance="standard"` gives
+one look (and `shift` moves it towards another scanner); `appearance="random"` randomises every
+tissue's brightness within those orderings (the tumour's tissues as ratios to the edema, so that
+core and edema differ in every draw), the bias field, noise, blur, gamma and thick-slice
+acquisitions per case and contrast, in the manner of SynthSeg's domain randomisation, which is
+what the shipped model is trained on.
 
 Geometry is BraTS's: 240 x 240 x 155 voxels of 1 mm, the BraTS affine (voxel axes run towards
 patient left, posterior, superior); a smaller `shape` is the same field of view on a coarser grid.
@@ -44,54 +59,85 @@ BRATS_AFFINE = np.array(
 APPEARANCES = ("standard", "random")
 TEMPLATE_FILE = Path(__file__).parent / "templates" / "mni152_2009c.npz"
 
-# Brightness per tissue class, relative to the brightest tissue of the contrast.
-_TISSUES = ("csf", "gm", "wm", "edema", "necrosis", "enhancing", "non_enhancing")
+# Brightness per tissue class, relative to the brightest tissue of the contrast. The tumour's
+# sub-regions are told apart by how they differ across contrasts, as in real gliomas (Menze et
+# al. 2015, Bakas et al. 2018): solid non-enhancing tumour is bright on T2 but darker than the
+# edema on T1 and usually on FLAIR; necrosis is near CSF on T2 and dark on T1 and T1ce; a cyst is
+# fluid (CSF-like); edema is bright on FLAIR and T2 and only mildly dark on T1.
+_TISSUES = ("csf", "gm", "wm", "edema", "necrosis", "enhancing", "non_enhancing", "cyst")
 _STANDARD = {
-    "t1": (0.25, 0.55, 0.80, 0.48, 0.30, 0.50, 0.42),
-    "t1ce": (0.25, 0.55, 0.80, 0.48, 0.22, 1.00, 0.44),
-    "t2": (1.00, 0.55, 0.38, 0.80, 0.90, 0.62, 0.82),
-    "flair": (0.12, 0.52, 0.42, 0.88, 0.55, 0.75, 0.85),
+    "t1": (0.25, 0.55, 0.80, 0.48, 0.28, 0.50, 0.36, 0.22),
+    "t1ce": (0.25, 0.55, 0.80, 0.48, 0.22, 1.00, 0.38, 0.21),
+    "t2": (1.00, 0.55, 0.38, 0.80, 0.92, 0.62, 0.78, 0.98),
+    "flair": (0.12, 0.52, 0.42, 0.88, 0.55, 0.75, 0.72, 0.25),
 }
 _SHIFTED = {  # another scanner: grey/white contrast inverted on T1, edema much less conspicuous
-    "t1": (0.45, 0.80, 0.60, 0.62, 0.40, 0.62, 0.55),
-    "t1ce": (0.45, 0.80, 0.60, 0.60, 0.35, 0.85, 0.58),
-    "t2": (0.85, 0.55, 0.50, 0.68, 0.80, 0.62, 0.70),
-    "flair": (0.35, 0.52, 0.48, 0.66, 0.58, 0.64, 0.66),
+    "t1": (0.45, 0.80, 0.60, 0.62, 0.40, 0.62, 0.50, 0.42),
+    "t1ce": (0.45, 0.80, 0.60, 0.60, 0.35, 0.85, 0.50, 0.40),
+    "t2": (0.85, 0.55, 0.50, 0.68, 0.80, 0.62, 0.66, 0.86),
+    "flair": (0.35, 0.52, 0.48, 0.66, 0.58, 0.64, 0.58, 0.40),
 }
+# Texture amplitude per tissue (relative sd of a multiplicative field): tumour tissue is
+# heterogeneous, edema much less so, fluid hardly at all.
+_TEXTURE = {"edema": (0.03, 0.08), "necrosis": (0.12, 0.25), "enhancing": (0.10, 0.22),
+            "non_enhancing": (0.10, 0.22), "cyst": (0.01, 0.04)}
 
 
 def _random_table(rng: np.random.Generator, modality: str) -> np.ndarray:
-    """Tissue brightness drawn widely, keeping the orderings each contrast's physics imposes."""
+    """Tissue brightness drawn widely, keeping the orderings each contrast's physics imposes.
+
+    The tumour's sub-regions are drawn as ratios to the edema (not from their own ranges), so
+    that the difference between them, which is what tells core from edema, survives every draw.
+    """
     u = rng.uniform
     if modality in ("t1", "t1ce"):
         wm = u(0.65, 0.95)
         gm = wm * u(0.55, 0.88)
         csf = u(0.05, 0.5) * gm
-        edema = gm * u(0.65, 1.0)
-        necrosis = u(0.1, 0.75) * edema
-        non_enh = edema * u(0.75, 1.05)
-        enhancing = (wm * u(1.05, 1.6)) if modality == "t1ce" else gm * u(0.75, 1.05)
+        edema = gm * u(0.7, 1.0)
+        non_enh = edema * u(0.6, 0.9)
+        necrosis = edema * u(0.25, 0.7)
+        cyst = min(csf * u(1.0, 1.6), non_enh * 0.8)
+        enhancing = (wm * u(1.15, 1.7)) if modality == "t1ce" else gm * u(0.75, 1.05)
         if modality == "t1ce":
             necrosis = min(necrosis, enhancing * u(0.15, 0.6))
-        return np.array([csf, gm, wm, edema, necrosis, enhancing, non_enh])
+            non_enh *= u(1.0, 1.12)  # a little patchy uptake, still well below the rim
+        return np.array([csf, gm, wm, edema, necrosis, enhancing, non_enh, cyst])
     if modality == "t2":
         csf = u(0.85, 1.0)
         gm = u(0.35, 0.65)
         wm = gm * u(0.55, 0.9)
-        edema = u(max(gm * 1.15, 0.5), 0.95)
-        necrosis = u(0.55, 1.0)
+        edema = u(max(gm * 1.3, 0.55), 0.95)
+        non_enh = max(edema * u(0.8, 1.05), gm * 1.1)
+        necrosis = max(csf * u(0.75, 1.0), edema * 0.9)
+        cyst = csf * u(0.92, 1.02)
         enhancing = u(gm, edema)
-        non_enh = u(gm * 1.1, 0.95)
-        return np.array([csf, gm, wm, edema, necrosis, enhancing, non_enh])
+        return np.array([csf, gm, wm, edema, necrosis, enhancing, non_enh, cyst])
     # FLAIR
     gm = u(0.35, 0.65)
     wm = gm * u(0.65, 0.97)
     csf = u(0.02, 0.6) * wm
     edema = u(max(gm * 1.25, 0.55), 1.0)
-    necrosis = u(0.2, 0.9) * edema
+    non_enh = max(edema * u(0.55, 0.95), gm * 0.95)  # the infiltrated edge of edema is dimmer
+    necrosis = edema * u(0.25, 0.95)
+    cyst = csf + u(0.0, 0.9) * (gm - csf)  # suppressed fluid, or intermediate if proteinaceous
     enhancing = u(gm * 1.05, edema)
-    non_enh = u(gm * 1.2, 1.0)
-    return np.array([csf, gm, wm, edema, necrosis, enhancing, non_enh])
+    return np.array([csf, gm, wm, edema, necrosis, enhancing, non_enh, cyst])
+
+
+def _blobs(rng: np.random.Generator, shape, voxel, sigma_mm: float) -> np.ndarray:
+    """Isotropic smooth noise of unit sd and feature size ~sigma_mm on a grid of `voxel` mm:
+    made on a coarse grid and interpolated, so a large box costs little."""
+    voxel = np.asarray(voxel, float)
+    step = np.maximum(voxel, sigma_mm / 2.5)
+    n = np.ceil(np.asarray(shape) * voxel / step).astype(int) + 2
+    coarse = ndimage.gaussian_filter(rng.standard_normal(n).astype(np.float32), sigma_mm / step, mode="wrap")
+    coarse /= coarse.std() + 1e-6
+    if np.all(step == voxel):
+        return coarse[: shape[0], : shape[1], : shape[2]]
+    coords = np.meshgrid(*[np.arange(s) * v / st for s, v, st in zip(shape, voxel, step)], indexing="ij",
+                         sparse=False)
+    return ndimage.map_coordinates(coarse, np.stack(coords).astype(np.float32), order=1, mode="nearest")
 
 
 class _SmoothField:
@@ -216,38 +262,122 @@ def _grow(rng, subject: _Subject, seeds_mm, box_lo, spacing, n, head_centre) -> 
     return u
 
 
-def _tumour_labels(rng, u, brain, tissue_csf, tissue_white, voxel, extent, axes) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical labels from the tumour density at the output voxels, and where the core is
-    solid non-enhancing tumour (labelled with necrosis, but not looking like it). `axes`: the
-    grid's 1D axes in mm from the corner of the `extent` box."""
+@dataclass
+class _Tumour:
+    """The tumour's labels and what fills them: `kind` holds the index in _TISSUES of the tumour
+    tissue at each voxel (0: none), `box` the slices of the labelled region."""
+
+    labels: np.ndarray
+    kind: np.ndarray
+    box: tuple
+    low_grade: bool
+
+
+def _bounding_box(mask, pad, shape) -> tuple:
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + pad + 1, shape)
+    return tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+
+
+def _tumour_labels(rng, u, brain, tissue_csf, tissue_white, voxel, extent, axes) -> _Tumour:
+    """Canonical labels from the tumour density at the output voxels, and the tissue in each.
+    `axes`: the grid's 1D axes in mm from the corner of the `extent` box."""
     shape = u.shape
+    vv = float(np.prod(voxel))
     labels = np.zeros(shape, np.uint8)
+    kind = np.zeros(shape, np.uint8)
     wobble = _SmoothField(rng, extent, (14, 14, 9)).on_grid(axes)
-    t_edema = rng.uniform(0.008, 0.08)
-    t_core = rng.uniform(0.45, 0.7)
+    # About one tumour in five is low grade: no enhancement and no necrosis, but a large solid
+    # non-enhancing core, which reaches far into the infiltrated zone and leaves little edema.
+    low_grade = rng.random() < 0.2
+    if low_grade:
+        t_core = rng.uniform(0.1, 0.3)
+        t_edema = t_core * rng.uniform(0.2, 0.5)
+    else:
+        t_edema = rng.uniform(0.04, 0.2)
+        t_core = rng.uniform(0.3, 0.6)
     # Vasogenic edema spreads along white-matter tracts and spares the cortex, except next to
     # the core.
     infiltrated = (u > t_edema * (1 + 0.5 * wobble)) & brain & (tissue_csf < 0.6)
     infiltrated &= (tissue_white > 0.3) | (u > 0.5 * t_core)
-    core = (u > t_core * (1 + 0.2 * wobble)) & brain
     labels[infiltrated] = EDEMA
+    kind[infiltrated] = _TISSUES.index("edema")
+    core0 = (u > t_core * (1 + 0.1 * wobble)) & brain
+    if not core0.any():
+        box = _bounding_box(infiltrated, 1, shape) if infiltrated.any() else tuple(slice(0, 1) for _ in shape)
+        return _Tumour(labels, kind, box, low_grade)
+
+    # Lobulation: the density's level set is a smooth blob; real cores are lobulated at several
+    # scales, so the surface is moved in and out by smooth fields in mm (a level-set offset).
+    radius = (np.count_nonzero(core0) * vv * 3 / (4 * np.pi)) ** (1 / 3)
+    a_lo = radius * rng.uniform(0.2, 0.45)
+    a_hi = max(radius * rng.uniform(0.06, 0.15), 0.5 * voxel.max())
+    pad = np.ceil(2.5 * (a_lo + a_hi) / voxel).astype(int) + 2
+    box = _bounding_box(core0, pad, shape)
+    c0 = core0[box]
+    cshape = c0.shape
+    signed = ndimage.distance_transform_edt(c0, sampling=voxel) - ndimage.distance_transform_edt(~c0, sampling=voxel)
+    lobes = a_lo * np.clip(_blobs(rng, cshape, voxel, max(0.6 * radius, 4.0)), -2.5, 2.5)
+    lobes += a_hi * np.clip(_blobs(rng, cshape, voxel, max(0.2 * radius, 2.0)), -2.5, 2.5)
+    core = (signed + lobes > 0) & brain[box] & (tissue_csf[box] < 0.7) & (u[box] > 0.5 * t_edema)
+    del signed, lobes
+    parts, n = ndimage.label(core)
+    if n:  # drop crumbs the lobes cut off: satellites are kept only when sizeable
+        sizes = np.bincount(parts.ravel())[1:]
+        core = np.isin(parts, 1 + np.flatnonzero(sizes >= max(0.03 * sizes.max(), 30 / vv)))
     if not core.any():
-        return labels, np.zeros(shape, bool)
-    if rng.random() < 0.2:  # non-enhancing (low-grade) tumour: all core, no rim, no necrosis
-        labels[core] = NECROTIC
-        return labels, core
+        core = c0
     depth = ndimage.distance_transform_edt(core, sampling=voxel)
-    # At least about a voxel: a coarse grid keeps the rim.
-    thickness = max(rng.uniform(2.0, 9.0), 1.2 * voxel.max()) * (
-        1 + 0.5 * _SmoothField(rng, extent, (10, 10, 7)).on_grid(axes)
-    )
-    labels[core] = ENHANCING
-    if rng.random() < 0.85:
-        labels[core & (depth > thickness)] = NECROTIC
-    gaps = _SmoothField(rng, extent, (9, 9, 6)).on_grid(axes)
-    solid = core & (labels == ENHANCING) & (gaps < rng.uniform(-1.0, 0.1))  # gaps in the rim
-    labels[solid] = NECROTIC
-    return labels, solid
+
+    crop = np.zeros(cshape, np.uint8)  # tissue index inside the core
+    non_enh, necrosis, enhancing = (_TISSUES.index(t) for t in ("non_enhancing", "necrosis", "enhancing"))
+    crop[core] = non_enh
+    rim = np.zeros(cshape, bool)
+    if not low_grade:
+        # An enhancing rim of irregular thickness around a necrotic centre, with gaps where the
+        # wall is solid non-enhancing tumour, and solid tumour mixed into the necrosis.
+        thickness = max(rng.uniform(1.5, 6.0), 1.2 * voxel.max()) * np.exp(
+            0.45 * np.clip(_blobs(rng, cshape, voxel, 6.0), -2.5, 2.5))
+        thickness = np.maximum(thickness, voxel.max())
+        rim = core & (depth <= thickness)
+        interior = core & ~rim
+        if rng.random() < 0.85 and interior.any():
+            crop[interior] = necrosis
+            solid_share = rng.uniform(0.0, 0.5)
+            if solid_share > 0.05:
+                field = _blobs(rng, cshape, voxel, 5.0)
+                crop[interior & (field > np.quantile(field[interior], 1 - solid_share))] = non_enh
+        if rim.any():
+            gaps = _blobs(rng, cshape, voxel, max(8.0, 0.5 * radius))
+            rim &= gaps > np.quantile(gaps[rim], rng.uniform(0.0, 0.4))
+            # No dither: specks of a few voxels are made solid core, bar a few kept as real
+            # cases show them beside one contiguous rim.
+            parts, n = ndimage.label(rim)
+            if n:
+                sizes = np.bincount(parts.ravel())[1:]
+                tiny = np.flatnonzero(sizes <= max(2, int(np.ceil(5.0 / vv)))) + 1
+                keep = rng.permutation(tiny)[: rng.integers(0, 7)]
+                rim &= ~np.isin(parts, np.setdiff1d(tiny, keep))
+            crop[rim] = enhancing
+    # Cysts in some tumours: a fluid pocket deep in the core (labelled necrotic core, as BraTS
+    # does), sharp-walled; the enhancing wall stays.
+    if rng.random() < 0.22 and depth.max() > 2.5 * voxel.max():
+        deep = np.argwhere(depth >= 0.5 * depth.max())
+        centre = deep[rng.integers(len(deep))]
+        semi = depth.max() * rng.uniform(0.5, 0.9) * rng.uniform(0.8, 1.25, 3)
+        grid = np.ogrid[tuple(slice(0, s) for s in cshape)]
+        dist = np.sqrt(sum(((g - c) * v / r) ** 2 for g, c, v, r in zip(grid, centre, voxel, semi)))
+        cyst = (dist + 0.12 * _blobs(rng, cshape, voxel, max(2.0, 0.5 * semi.mean())) < 1) & core & ~rim
+        crop[cyst] = _TISSUES.index("cyst")
+
+    sub = labels[box]
+    sub[core] = NECROTIC
+    sub[crop == enhancing] = ENHANCING
+    kind[box][core] = crop[core]
+    whole = labels > 0
+    box = _bounding_box(whole, 2, shape)
+    return _Tumour(labels, kind, box, low_grade)
 
 
 @dataclass
@@ -264,6 +394,13 @@ def generate(
     rng: np.random.Generator, shape=BRATS_SHAPE, shift: float = 0.0, appearance: str = "standard"
 ) -> Synthetic:
     """One case in file voxel order, with the tissue it was made from (see the module's docstring)."""
+    return _generate(rng, shape, shift, appearance)[0]
+
+
+def _generate(
+    rng: np.random.Generator, shape=BRATS_SHAPE, shift: float = 0.0, appearance: str = "standard"
+) -> tuple[Synthetic, _Tumour]:
+    """The case and its tumour (the tissue inside each label, for tests)."""
     if appearance not in APPEARANCES:
         raise ValueError(f"appearance must be one of {APPEARANCES}, not {appearance!r}")
     shape = tuple(int(s) for s in shape)
@@ -293,6 +430,11 @@ def generate(
     n = 48
     box_lo = seeds[0] - spacing * n / 2
     u_box = _grow(rng, subject, seeds, box_lo, spacing, n, head_centre)
+    # Fade the density out towards the faces of the growth box, so that a far-reaching edema ends
+    # in a soft edge and not a straight cut where the box ends.
+    ramp = np.clip(np.minimum(np.arange(n), np.arange(n)[::-1]) / 8.0, 0, 1)
+    ramp = ramp * ramp * (3 - 2 * ramp)
+    u_box = u_box * (ramp[:, None, None] * ramp[None, :, None] * ramp[None, None, :])
 
     # Mass effect: tissue around the tumour is pushed outward (sampled from nearer its centre).
     dense = np.argwhere(u_box > 0.6)
@@ -315,19 +457,33 @@ def generate(
         gm, csf = gm - lost, csf + lost
     brain = (csf + gm + wm) > 0.5
     tissue = np.stack([csf, gm, wm])
-    labels, solid = _tumour_labels(rng, u, brain, csf, wm, voxel, extent, grid_axes)
+    tumour = _tumour_labels(rng, u, brain, csf, wm, voxel, extent, grid_axes)
+    labels, kind, box = tumour.labels, tumour.kind, tumour.box
 
-    # Tissue fractions: normal tissue, replaced by tumour where the labels say so.
-    fractions = np.zeros((len(_TISSUES),) + shape, np.float32)
-    fractions[0], fractions[1], fractions[2] = csf, gm, wm
-    infiltration = np.clip(0.55 + 0.45 * u / 0.5, 0, 1)
-    edema = labels == EDEMA
-    fractions[:3, edema] *= 1 - infiltration[edema]
-    fractions[3, edema] = infiltration[edema]
-    for mask, index in ((labels == NECROTIC, 4), (labels == ENHANCING, 5), (solid, 6)):
-        fractions[:, mask] = 0
-        fractions[index, mask] = 1
-    fractions *= brain
+    # Tissue fractions: normal tissue, replaced by tumour where the labels say so; the tumour's
+    # own tissues only inside its box.
+    normal = np.stack([csf, gm, wm]) * brain
+    infiltration = np.clip(0.55 + 0.45 * u[box] / 0.5, 0, 1)
+    k = kind[box]
+    tumour_fr = np.zeros((len(_TISSUES) - 3,) + k.shape, np.float32)
+    edema = k == _TISSUES.index("edema")
+    tumour_fr[0][edema] = infiltration[edema]
+    keep = np.where(edema, 1 - infiltration, (k == 0).astype(np.float32))
+    normal[(slice(None),) + box] *= keep
+    for index in range(4, len(_TISSUES)):
+        tumour_fr[index - 3][k == index] = 1
+    tumour_fr *= brain[box]
+    del infiltration, edema, keep
+
+    # Texture inside the tumour: multiplicative, strong in the core's tissues and mild in the
+    # edema. Its structure is partly shared between contrasts (the same fluid-rich or cellular
+    # patches, bright on T2 and dark on T1) and partly each contrast's own.
+    shared = 0.5 * _blobs(rng, k.shape, voxel, 1.0) + 0.85 * _blobs(rng, k.shape, voxel, 3.0)
+    shared /= shared.std() + 1e-6
+    if appearance == "random":
+        amp = np.array([rng.uniform(*_TEXTURE[t]) for t in _TISSUES[3:]], np.float32)
+    else:
+        amp = np.array([np.mean(_TEXTURE[t]) for t in _TISSUES[3:]], np.float32)
 
     images = {}
     for modality in MODALITIES:
@@ -337,11 +493,18 @@ def generate(
             bias_amp = rng.uniform(0.0, 0.35)
             noise_sd = rng.uniform(0.005, 0.05)
             blur = rng.uniform(0.3, 1.1)
+            sign = {"t2": 1.0, "flair": rng.choice([-1.0, 1.0])}.get(modality, -1.0)
         else:
             table = (1 - shift) * np.array(_STANDARD[modality]) + shift * np.array(_SHIFTED[modality])
             table = table * rng.uniform(0.95, 1.05, len(table))  # case-to-case variation
             gamma, bias_amp, noise_sd, blur = 1.0 + 0.6 * shift, 0.12 + 0.18 * shift, 0.02 * (1 + shift), 0.6
-        img = np.tensordot(table.astype(np.float32), fractions, axes=1)
+            sign = 1.0 if modality in ("t2", "flair") else -1.0
+        table = table.astype(np.float32)
+        img = np.tensordot(table[:3], normal, axes=1)
+        own = _blobs(rng, k.shape, voxel, 2.0)
+        grain = np.clip(0.8 * sign * shared + 0.6 * own, -2.5, 2.5)
+        img[box] += np.tensordot(table[3:], tumour_fr * (1 + amp.reshape(-1, 1, 1, 1) * grain), axes=1)
+        del own, grain
         texture = _SmoothField(rng, extent, (40, 40, 26), terms=3).on_grid(grid_axes)
         img *= 1 + rng.uniform(0.02, 0.06) * texture
         if modality == "t1ce":
@@ -355,7 +518,7 @@ def generate(
         scale = rng.uniform(600, 1400) * (1 + shift) * (rng.uniform(0.3, 3) if appearance == "random" else 1)
         img = np.where(brain, img * scale + 1.0, 0.0)  # skull-stripped: zero outside
         images[modality] = np.clip(img, 0, 32767).astype(np.int16)
-    return Synthetic(images, labels, affine, tissue)
+    return Synthetic(images, labels, affine, tissue), tumour
 
 
 def _vessels(rng, img, brain, white, voxel) -> np.ndarray:

@@ -5,18 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
 from napari_unet.labels import EDEMA, ENHANCING, NECROTIC
-from napari_unet.synth import generate
+from napari_unet.synth import _TISSUES, _generate, generate
 
 SHAPE = (96, 96, 62)  # 2.5 mm voxels: the anatomy and tumour regions are still resolved
 
 
 @pytest.fixture(scope="module")
-def cases():
-    """Six cases of randomised appearance and six of the standard one."""
-    return [generate(np.random.default_rng([5, i]), SHAPE, appearance="random") for i in range(6)] + [
-        generate(np.random.default_rng([6, i]), SHAPE) for i in range(6)
+def made():
+    """Eight cases of randomised appearance and eight of the standard one, with their tumours."""
+    return [_generate(np.random.default_rng([5, i]), SHAPE, appearance="random") for i in range(8)] + [
+        _generate(np.random.default_rng([6, i]), SHAPE) for i in range(8)
     ]
+
+
+@pytest.fixture(scope="module")
+def cases(made):
+    return [case for case, _ in made]
 
 
 def _brain(case):
@@ -118,3 +126,116 @@ def test_the_synth_command_writes_randomised_cases_that_read_back(tmp_path):
     a, b = (c.images["t1"][c.labels == 0] for c in cases)
     assert abs(np.percentile(a[a != 0], 50) / np.percentile(a[a != 0], 90)
                - np.percentile(b[b != 0], 50) / np.percentile(b[b != 0], 90)) > 0.01
+
+
+# The tumour's look, as BraTS describes real gliomas (Menze et al. 2015, Bakas et al. 2018).
+
+
+def _tissue(tumour, name):
+    return tumour.kind == _TISSUES.index(name)
+
+
+def _images(case):
+    return {m: v.astype(float) for m, v in case.images.items()}
+
+
+def test_non_enhancing_core_is_darker_than_edema_on_t1_and_usually_on_flair(made):
+    for group in (made[:8], made[8:]):  # random, standard
+        t1, flair = [], []
+        for case, tumour in group:
+            solid, edema = _tissue(tumour, "non_enhancing"), case.labels == EDEMA
+            if np.count_nonzero(solid) > 20 and np.count_nonzero(edema) > 20:
+                img = _images(case)
+                t1.append(np.median(img["t1"][solid]) / np.median(img["t1"][edema]))
+                flair.append(np.median(img["flair"][solid]) / np.median(img["flair"][edema]))
+        assert len(t1) >= 4
+        assert max(t1) < 0.95 and np.median(t1) < 0.75, t1
+        assert np.median(flair) < 1.0, flair
+
+
+def test_necrosis_is_bright_on_t2_and_darker_than_the_rim_on_t1ce(made):
+    seen = 0
+    for case, tumour in made:
+        necrosis, rim = _tissue(tumour, "necrosis"), case.labels == ENHANCING
+        if np.count_nonzero(necrosis) < 20:
+            continue
+        seen += 1
+        img = _images(case)
+        white = (case.tissue[2] > 0.9) & (case.labels == 0)
+        assert np.all(case.labels[necrosis] == NECROTIC)
+        assert np.median(img["t2"][necrosis]) > 1.2 * np.median(img["t2"][white])
+        assert np.median(img["t1"][necrosis]) < np.median(img["t1"][case.labels == EDEMA])
+        if np.count_nonzero(rim) > 20:
+            assert np.median(img["t1ce"][necrosis]) < 0.8 * np.median(img["t1ce"][rim])
+    assert seen >= 4
+
+
+def test_some_tumours_hold_a_fluid_cyst_labelled_necrotic(made):
+    seen = 0
+    for case, tumour in made:
+        cyst = _tissue(tumour, "cyst")
+        if np.count_nonzero(cyst) < 20:
+            continue
+        seen += 1
+        img = _images(case)
+        assert np.all(case.labels[cyst] == NECROTIC)
+        fluid = (case.tissue[0] > 0.95) & (case.labels == 0)
+        white = (case.tissue[2] > 0.9) & (case.labels == 0)
+        edema = case.labels == EDEMA
+        assert np.median(img["t2"][cyst]) > 0.85 * np.median(img["t2"][fluid])
+        assert np.median(img["t2"][cyst]) > np.median(img["t2"][edema])
+        assert np.median(img["t1"][cyst]) < 0.6 * np.median(img["t1"][white])
+        assert np.median(img["t1"][cyst]) < np.median(img["t1"][edema])
+    assert seen >= 1
+
+
+def test_the_core_is_heterogeneous_and_the_edema_less_so(made):
+    ratios, core_cv = [], []
+    for case, tumour in made:
+        solid = ndimage.binary_erosion(_tissue(tumour, "non_enhancing"))
+        edema = ndimage.binary_erosion(case.labels == EDEMA)
+        if np.count_nonzero(solid) < 20 or np.count_nonzero(edema) < 20:
+            continue
+        for m in ("t2", "flair"):
+            v = case.images[m].astype(float)
+            cv = lambda mask: v[mask].std() / v[mask].mean()  # noqa: E731
+            core_cv.append(cv(solid))
+            ratios.append(cv(solid) / cv(edema))
+    assert len(ratios) >= 8
+    assert np.median(core_cv) > 0.1 and np.median(ratios) > 1.3, (core_cv, ratios)
+
+
+def test_no_dither_of_enhancing_specks(made):
+    """One contiguous rim (or a few pieces) with a handful of specks, not a dither through the core."""
+    for case, _ in made:
+        parts, n = ndimage.label(case.labels == ENHANCING)
+        sizes = np.bincount(parts.ravel())[1:]
+        assert np.count_nonzero(sizes <= 2) <= 10, sizes
+
+
+def test_low_grade_tumours_have_no_enhancement_and_a_large_core(made):
+    low = [(c, t) for c, t in made if t.low_grade]
+    assert low and len(low) < len(made) / 2
+    for case, _ in low:
+        core = np.count_nonzero(case.labels == NECROTIC)
+        assert not (case.labels == ENHANCING).any()
+        assert core > 0.4 * np.count_nonzero(case.labels)
+    high = [c for c, t in made if not t.low_grade and np.count_nonzero(c.labels == NECROTIC) > 100]
+    assert sum((c.labels == ENHANCING).any() for c in high) >= 0.8 * len(high)
+
+
+def _solidity(mask):
+    """Volume over the volume of the convex hull, both counted in voxels: 1 for a convex shape."""
+    pts = np.argwhere(mask)
+    lo, hi = pts.min(0), pts.max(0) + 1
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
+    facets = ConvexHull(pts).equations
+    inside = np.all(grid @ facets[:, :3].T + facets[:, 3] <= 1e-6, axis=1)
+    return len(pts) / max(np.count_nonzero(inside), len(pts))
+
+
+def test_cores_are_lobulated(made):
+    solidity = [_solidity(np.isin(c.labels, (NECROTIC, ENHANCING))) for c, _ in made
+                if np.count_nonzero(np.isin(c.labels, (NECROTIC, ENHANCING))) > 200]
+    assert len(solidity) >= 8
+    assert np.median(solidity) < 0.93, solidity
