@@ -119,10 +119,11 @@ def _cmd_synth(args) -> int:
 def _cmd_predict(args) -> int:
     from napari_unet.cases import find_cases, read_case, write_labels
     from napari_unet.modelfile import load_model
-    from napari_unet.predict import Predictor
+    from napari_unet.predict import DEFAULT_POSTPROCESSING, Predictor
 
     loaded = load_model(args.model)
-    predictor = Predictor(loaded, args.device, tta=args.tta, batch_size=args.batch_size, precision=args.precision)
+    predictor = Predictor(loaded, args.device, tta=args.tta, batch_size=args.batch_size, precision=args.precision,
+                          postprocess=None if args.no_postprocess else DEFAULT_POSTPROCESSING)
     binary = loaded.metadata["task"] == "binary"
     cases = [c for path in args.cases for c in find_cases(path)]
     out = _output_folder(args.out)
@@ -198,7 +199,7 @@ def _cmd_train(args) -> int:
     if args.epochs is not None:  # an epoch is --steps-per-epoch steps, validated at its end
         settings.steps = args.epochs * args.steps_per_epoch
         settings.val_every = args.steps_per_epoch
-    elif not settings.val_every:
+    elif args.val_every is None:
         settings.val_every = max(1, settings.steps // 10)
     master = rank == 0
     with progress_bar("loading cases", "case") as load_update, progress_bar("training", "step") as update:
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cases", nargs="+", metavar="CASE", help="case folder or file (any layout), or a folder of cases")
     p.add_argument("--out", required=True, help="output folder: OUT/<case_id>.nii.gz")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower, a little better)")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="the network's labels as they are (default: small islands removed, an enhancing "
+                        "region under 0.5 mL called core)")
     p.add_argument("--batch-size", type=_whole(1), help="slices per batch (default: from a memory budget)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
@@ -338,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=_whole(1), help="epochs of --steps-per-epoch steps, validating after each")
     p.add_argument("--steps-per-epoch", type=_whole(1), default=100)
     p.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of cases held out for validation")
-    p.add_argument("--val-every", type=_whole(0), help="steps between validations (0: never)")
+    p.add_argument("--val-every", type=_whole(0),
+                   help="steps between validations (default: a tenth of the steps; 0: only once, at the end)")
     p.add_argument("--checkpoint-every", type=_whole(1), help="steps between checkpoints (default 100)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--task", choices=["multiclass", "binary"], default="multiclass")
@@ -358,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the shipped model); never modified")
     p.add_argument("--out", required=True, help="the new model file")
     p.add_argument("--steps", type=_whole(1), help="at most this many steps (default 60; stops early)")
-    p.add_argument("--replay", help="a BraTS root mixed in so the model does not forget")
+    p.add_argument("--replay", help="a BraTS root mixed in so the model does not forget (default: the base "
+                                    "model's labels on the store's unreviewed slices)")
+    p.add_argument("--modality-dropout", type=_fraction,
+                   help="chance of hiding each optional modality of a patch (default: a third of the base model's)")
     p.set_defaults(run=_cmd_finetune)
 
     p = sub.add_parser("annotate", help="open napari with the annotation widget and a case",

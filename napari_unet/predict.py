@@ -20,6 +20,7 @@ import numpy as np
 
 from napari_unet import NapariUnetError
 from napari_unet.modelfile import LoadedModel, input_stack
+from napari_unet.postprocess import DEFAULT as DEFAULT_POSTPROCESSING, PostProcessing
 from napari_unet.preprocess import Normalisation, prepare
 
 ProgressFn = Callable[[int, int], None]
@@ -88,6 +89,7 @@ class PreparedVolume:
     box: tuple[slice, ...]  # where the crop lies in the volume (Z, Y, X)
     mask: np.ndarray  # brain mask of the crop
     shape: tuple[int, int, int]  # the full volume's (Z, Y, X)
+    voxel_ml: float = 1e-3  # one voxel's volume (BraTS: 1 mm^3)
 
     def brain_slices(self) -> np.ndarray:
         """Absolute axial indices of the slices that hold brain."""
@@ -126,6 +128,7 @@ class Predictor:
         batch_size: int | None = None,
         memory_budget_mb: float | None = None,
         precision: str = "auto",
+        postprocess: PostProcessing | None = DEFAULT_POSTPROCESSING,
     ):
         import torch
 
@@ -136,6 +139,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.norm = Normalisation.from_dict(self.metadata["normalisation"])
         self.tta = tta
+        # Post-processing needs the whole tumour: it applies to whole-volume proposals only.
+        self.postprocess = postprocess if self.metadata["task"] == "multiclass" else None
         # Inference works on a copy: BatchNorm is folded into the convolutions, the caller's
         # model (which fine-tuning may go on training) stays as it was.
         model = fuse_batchnorm(copy.deepcopy(loaded.model).eval())
@@ -151,7 +156,7 @@ class Predictor:
         self.memory_budget_mb = memory_budget_mb
 
     # ------------------------------------------------------------------ public API
-    def prepare(self, stack: np.ndarray) -> PreparedVolume:
+    def prepare(self, stack: np.ndarray, voxel_ml: float = 1e-3) -> PreparedVolume:
         """Raw (C, Z, Y, X) intensities in the model's modality order -> normalised crop."""
         if stack.ndim != 4 or stack.shape[0] != len(self.modalities):
             raise NapariUnetError(
@@ -159,10 +164,11 @@ class Predictor:
                 f"got an array of shape {stack.shape}"
             )
         crop, box, mask = prepare(stack, self.norm)
-        return PreparedVolume(crop, box, mask, tuple(stack.shape[1:]))
+        return PreparedVolume(crop, box, mask, tuple(stack.shape[1:]), voxel_ml)
 
     def prepare_case(self, case) -> PreparedVolume:
-        return self.prepare(input_stack(self.metadata, case.images, case.source.path or case.case_id))
+        return self.prepare(input_stack(self.metadata, case.images, case.source.path or case.case_id),
+                            voxel_ml=float(np.prod(case.spacing)) / 1000)
 
     def predict_case(self, case, **kwargs) -> Prediction:
         return self.predict(self.prepare_case(case), **kwargs)
@@ -221,6 +227,8 @@ class Predictor:
                     progress(min(first + batch, total), total)
         box_yx = volume.box[1:]
         labels[(todo,) + box_yx] = out_labels.cpu().numpy()  # one transfer back
+        if slices is None and self.postprocess is not None:
+            labels = self.postprocess.apply(labels, volume.voxel_ml)
         scores = None
         if uncertainty is not None:
             uncertainty[(todo,) + box_yx] = out_unc.cpu().numpy()

@@ -197,3 +197,41 @@ def test_bad_stores_are_refused_with_a_clear_message(dataset_factory, tmp_path, 
 def test_cli_finetune_on_a_missing_store_exits_cleanly(tiny_model, tmp_path, capsys):
     code = main(["finetune", str(tmp_path / "nowhere"), "--model", str(tiny_model[0]), "--out", str(tmp_path / "x.safetensors")])
     assert code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_finetuning_on_a_case_without_necrosis_keeps_proposing_necrosis_elsewhere(tiny_model, dataset_factory,
+                                                                                   tmp_path):
+    """A whole case whose labels hold no necrosis (its core all enhancing) must not teach the model
+    that necrosis does not exist: with the replay bank of the base model's own distribution in every
+    batch, necrosis is still proposed on cases that have it; without the bank it is unlearned."""
+    from napari_unet.cases import write_case_files
+    from napari_unet.labels import ENHANCING, NECROTIC
+    from napari_unet.synth import generate
+    from training.loop import FINETUNE
+    from training.replay import make_bank, save_bank
+
+    base, _ = tiny_model
+    made = generate(np.random.default_rng([11, 3]), TRAIN_SHAPE)
+    assert (made.labels == NECROTIC).any()
+    made.labels[made.labels == NECROTIC] = ENHANCING
+    write_case_files(tmp_path / "store", "brats2021", "BraTS2021_00042", made.images, made.labels, made.affine)
+    bank = save_bank(tmp_path / "bank.npz", *make_bank(3, seed=5, patches_per_case=12, patch=64,
+                                                       appearance="standard", shape=TRAIN_SHAPE)[:4],
+                     ("t1", "t1ce", "t2", "flair"), {"test": True})
+    held_out = [read_case(p) for p in dataset_factory("brats2021", cases=3, seed=13, shape=TRAIN_SHAPE)]
+    held_out = [c for c in held_out if (c.labels == NECROTIC).any()]
+    assert held_out
+
+    def necrosis(model) -> int:
+        predictor = Predictor(load_model(model), "cpu")
+        return sum(int((predictor.predict_case(c).labels == NECROTIC).sum()) for c in held_out)
+
+    quick = dict(device="cpu", patch=64, steps=60, early_stop_patience=0, lr=1e-3)
+    with_bank = finetune(tmp_path / "store", base, tmp_path / "bank.safetensors",
+                         settings=FINETUNE.updated(**quick), bank=bank).path
+    without = finetune(tmp_path / "store", base, tmp_path / "plain.safetensors",
+                       settings=FINETUNE.updated(**quick, bank_fraction=0.0, replay_fraction=0.5)).path
+    before, kept, lost = necrosis(base), necrosis(with_bank), necrosis(without)
+    assert before > 50, before
+    assert kept >= 0.5 * before, (before, kept, lost)
+    assert lost < 0.5 * kept, (before, kept, lost)

@@ -131,19 +131,26 @@ class PatchDataset:
     tumour. Sources are in-memory `TrainCase`s or on-disk `CachedCase`s: anything with
     `trusted`, `tumour_slices` and `read_slice(z) -> (image, labels)`.
 
-    With `replay`, the last `replay_per_batch` patches of every batch of `batch_size` come from
-    the replay sources instead (fine-tuning mixes in earlier knowledge that way).
+    With `replay`, a list of (sources, patches per batch), the last patches of every batch of
+    `batch_size` come from those sources instead, group after group (fine-tuning mixes in
+    earlier knowledge that way: the base model's labels elsewhere, the synthetic bank).
     """
 
     def __init__(self, sources, patch: int = 128, tumour_fraction: float = 0.5, seed: int = 0, rank: int = 0,
-                 replay=(), replay_per_batch: int = 0, batch_size: int = 1):
+                 replay=(), batch_size: int = 1):
         if not sources:
             raise NapariUnetError("no training cases")
         self.groups = [_SourceGroup(list(sources))]
-        if replay and replay_per_batch:
-            self.groups.append(_SourceGroup(list(replay)))
+        # Batch position -> group: the main sources first, then each replay group's share.
+        self.position_group = []
+        for k, (group_sources, per_batch) in enumerate((g for g in replay if g[0] and g[1]), start=1):
+            self.groups.append(_SourceGroup(list(group_sources)))
+            self.position_group += [k] * int(per_batch)
+        if len(self.position_group) >= batch_size:
+            raise NapariUnetError(f"replay takes {len(self.position_group)} of a batch of {batch_size}: "
+                                  "nothing would be left for the training data")
+        self.position_group = [0] * (batch_size - len(self.position_group)) + self.position_group
         self.patch, self.tumour_fraction, self.seed, self.rank = patch, tumour_fraction, seed, rank
-        self.replay_per_batch = replay_per_batch if len(self.groups) > 1 else 0
         self.batch_size = batch_size
 
     def __len__(self) -> int:
@@ -151,8 +158,7 @@ class PatchDataset:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
-        replay = index % self.batch_size >= self.batch_size - self.replay_per_batch
-        group = self.groups[1 if replay else 0]
+        group = self.groups[self.position_group[index % self.batch_size]]
         k = int(rng.choice(len(group.sources), p=group.case_p))
         source = group.sources[k]
         tumour = source.tumour_slices

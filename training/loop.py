@@ -41,18 +41,20 @@ class Settings:
     warmup: int = 20
     seed: int = 0
     device: str = "auto"
-    val_every: int = 0  # steps between validations (0: only at the end)
+    val_every: int = 0  # steps between validations (0: only once, at the end)
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
     early_stop_patience: int = 0  # stop after this many steps without improvement (0: never)
     freeze_batchnorm: bool = False  # fine-tuning keeps the statistics of the base model
-    replay_fraction: float = 0.0  # share of each batch drawn from earlier data
+    replay_fraction: float = 0.0  # share of each batch from earlier data (--replay DATA, or self-replay)
+    bank_fraction: float = 0.0  # share of each batch from the synthetic replay bank (training.replay)
+    anchor: float = 0.0  # L2-SP: pull of every weight towards its starting value (fine-tuning)
     augment: bool = True
     tumour_fraction: float = 0.5  # share of patches centred on tumour
-    trainable: str = "all"  # "all", or "input": only the first level (adapts to a new scanner's contrasts)
-    optimizer: str = "adamw"  # "adamw" (training) or "sgd" (fine-tuning: steps shrink with the error)
     workers: int = 0  # DataLoader worker processes making patches (0: in the training process)
     precision: str = "auto"  # "auto" (fp16 + loss scaling on pre-Ampere GPUs, bf16 on newer ones, fp32 on CPU), "fp32"
-    modality_dropout: float = 0.0  # chance of hiding each optional modality of a patch (any set then works)
+    # Chance of hiding each optional modality of a patch (any set then works). None: 0 in training;
+    # in fine-tuning, a third of the base model's.
+    modality_dropout: float | None = None
 
     def updated(self, **overrides) -> "Settings":
         """A copy with the values given (None keeps this one's; names not settings are ignored)."""
@@ -202,6 +204,7 @@ def run(
     out: Path | None = None,
     val_cases: list[TrainCase] = (),
     replay_cases: list[TrainCase] = (),
+    bank=None,
     resume: bool = False,
     checkpoints: bool = True,
     progress: Callable | None = None,
@@ -218,18 +221,17 @@ def run(
     master = rank == 0
     torch.manual_seed(s.seed + rank)
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank)
-    n_replay = int(round(s.batch_size * s.replay_fraction)) if replay_cases else 0
+    replay = [(list(replay_cases), int(round(s.batch_size * s.replay_fraction))),
+              ([bank] if bank is not None else [], int(round(s.batch_size * s.bank_fraction)))]
     dataset = PatchDataset(train_cases, s.patch, s.tumour_fraction, seed=s.seed, rank=rank,
-                           replay=replay_cases, replay_per_batch=n_replay, batch_size=s.batch_size)
+                           replay=replay, batch_size=s.batch_size)
     model.to(device).to(memory_format=torch.channels_last)
     if is_ddp and device.type == "cuda" and model.config.norm == "batch":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if is_ddp else model
-    params = list(model.parameters()) if s.trainable == "all" else list(model.inc.parameters())
-    if s.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=s.lr, momentum=0.9, nesterov=True, weight_decay=s.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    # L2-SP (Li et al. 2018): the starting weights as the prior, not zero.
+    start_weights = [p.detach().clone() for p in model.parameters()] if s.anchor > 0 else []
     amp_dtype = autocast_dtype(device, s.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -301,12 +303,14 @@ def run(
         y = y.to(device, non_blocking=True).long()
         if s.augment:
             x, y = augment(x, y, gen)
-        x = drop_modalities(x, s.modality_dropout, droppable, gen)
+        x = drop_modalities(x, s.modality_dropout or 0.0, droppable, gen)
         x = x.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = region_dice_ce(net(x), y)
+        if start_weights:
+            loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start_weights))
         if not torch.isfinite(loss):
             raise NapariUnetError(f"training diverged at step {step + 1} (the loss is {float(loss)}); "
                                   "no model was written: check the data for bad values, or lower --lr")
@@ -409,9 +413,9 @@ def train(
     roots = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     norm = Normalisation()
     metadata = make_metadata(config, task=task, normalisation=norm.to_dict(),
-                             required=[] if settings.modality_dropout > 0 else None,
+                             required=[] if (settings.modality_dropout or 0) > 0 else None,
                              training={"data": [str(r) for r in roots], "kind": "from scratch",
-                                       "modality_dropout": settings.modality_dropout})
+                                       "modality_dropout": settings.modality_dropout or 0.0})
     cache = Path(cache) if cache is not None else default_cache_dir(out)
     is_ddp, rank, _, _ = _setup_ddp(settings.device)
     if not roots:  # every case of a prepared cache; the data itself may be gone
@@ -467,9 +471,11 @@ def self_replay(loaded: LoadedModel, cases: list[TrainCase], device: str = "cpu"
     return replay
 
 
-# Fine-tuning on a few reviewed slices: short, gentle, stopping early, mixing in earlier data.
-FINETUNE = Settings(steps=60, batch_size=8, patch=128, lr=3e-4, warmup=5, early_stop_patience=25, replay_fraction=0.5,
-                    freeze_batchnorm=True)
+# Fine-tuning on a few reviewed slices: short, gentle, stopping early, and each batch half
+# corrections, a quarter the base model's labels elsewhere in the corrected cases, a quarter the
+# synthetic bank (so what the base model knew about other cases stays; see training.replay).
+FINETUNE = Settings(steps=60, batch_size=8, patch=128, lr=3e-4, warmup=5, early_stop_patience=25,
+                    replay_fraction=0.25, bank_fraction=0.25, freeze_batchnorm=True)
 
 
 def finetune(
@@ -479,11 +485,19 @@ def finetune(
     *,
     settings: Settings | None = None,
     replay=None,
+    bank=None,
     progress=None,
     cancel=None,
     log=None,
 ) -> Result:
-    """Fine-tune BASE on the reviewed slices of a corrections store; BASE is never modified."""
+    """Fine-tune BASE on the reviewed slices of a corrections store; BASE is never modified.
+
+    Mixed into every batch: `replay` (a BraTS root) or else the base model's own labels on the
+    store's unreviewed slices, and the synthetic replay bank (`bank`: a file, default the shipped
+    one) when `settings.bank_fraction` is above 0.
+    """
+    from training.replay import load_bank
+
     settings = replace(settings or FINETUNE)  # a copy: the defaults are shared
     out = Path(out)
     base_path = Path(base) if base is not None else None
@@ -496,10 +510,9 @@ def finetune(
         replay_cases = load_root(replay, loaded.modalities, norm)
     else:
         replay_cases = self_replay(loaded, cases, settings.device)
-    if replay_cases and not settings.replay_fraction:
-        settings.replay_fraction = 0.5
+    replay_bank = load_bank(bank).for_modalities(loaded.modalities) if settings.bank_fraction > 0 else None
     base_training = loaded.metadata.get("training", {})
-    if not settings.modality_dropout:
+    if settings.modality_dropout is None:
         # Some of the base model's dropout, or a few corrected four-modality slices teach it to
         # lean on modalities that other cases lack; a third of it, so most steps still learn from
         # the corrections as they were seen (bench_real: the other real cases keep their Dice; the
@@ -512,6 +525,10 @@ def finetune(
         "modality_dropout": settings.modality_dropout,
         "corrections": [c.provenance for c in cases],
         "replay": str(replay) if replay else "self (the base model's labels on unreviewed slices)",
+        "replay_fraction": settings.replay_fraction,
+        "bank": replay_bank.provenance if replay_bank is not None else None,
+        "bank_fraction": settings.bank_fraction,
+        "anchor": settings.anchor,
     }
-    return run(loaded.model, metadata, cases, settings, out=out, replay_cases=replay_cases, checkpoints=False,
-               progress=progress, cancel=cancel, log=log)
+    return run(loaded.model, metadata, cases, settings, out=out, replay_cases=replay_cases, bank=replay_bank,
+               checkpoints=False, progress=progress, cancel=cancel, log=log)
