@@ -211,5 +211,14 @@ def test_predict_keeps_reviewed_slices_and_ranks_slices(small_case, tmp_path):
     written = session.merge_proposal(labels, prediction)
     assert warning is None and z not in written and len(written) > 10
     assert not labels[z].any()
-    assert session.next_to_review() is not None
     assert session.proposal_model == "default"
+    # Review next walks the unreviewed slices with brain from the least sure down, each once.
+    scores = np.asarray(prediction.slice_scores, float)
+    offered = np.flatnonzero(~np.isnan(scores))
+    walk = [session.next_to_review()]
+    while len(walk) < len(offered) - 1:
+        walk.append(session.next_to_review(walk[-1]))
+    assert sorted(walk) == sorted(set(offered.tolist()) - {z})  # never the reviewed one, never one without brain
+    assert np.all(np.diff(scores[walk]) <= 0)
+    assert scores[walk[0]] > 10 * np.median(scores[offered])  # a ranking that tells slices apart
+    assert walk[0] in _tumour_slices(small_case)  # the model is least sure where the tumour is
