@@ -108,7 +108,11 @@ def test_predict_writes_aligned_files_for_every_layout(tiny_model, dataset_facto
 
 def test_predict_a_folder_of_cases_and_evaluate_folders(tiny_model, dataset_factory, tmp_path, capsys):
     cases = dataset_factory("brats2023", cases=2, seed=13, shape=TRAIN_SHAPE)
+    (tmp_path / "pred").mkdir()
+    stale = tmp_path / "pred" / f".{cases[0].name}.partial-0badc0de.nii.gz"  # a killed run's half file
+    stale.write_bytes(b"half a file")
     assert main(["predict", str(cases[0].parent), "--out", str(tmp_path / "pred"), "--model", str(tiny_model[0])]) == 0
+    assert not stale.exists()
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{c.name}.nii.gz" for c in cases]
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "pred"), str(cases[0].parent), "--json", str(tmp_path / "e.json")]) == 0

@@ -222,3 +222,30 @@ def test_predict_keeps_reviewed_slices_and_ranks_slices(small_case, tmp_path):
     assert np.all(np.diff(scores[walk]) <= 0)
     assert scores[walk[0]] > 10 * np.median(scores[offered])  # a ranking that tells slices apart
     assert walk[0] in _tumour_slices(small_case)  # the model is least sure where the tumour is
+
+
+def test_out_of_gpu_memory_the_proposal_is_made_on_the_cpu(small_case, tmp_path, monkeypatch):
+    """The README's promise: a GPU that runs out of memory costs a warning, not the proposal."""
+    import torch
+
+    session = _session(small_case, tmp_path / "store")
+    session.open_labels()
+    on_cpu, _ = session.predict(device="cpu")
+    cpu_predictor = session.predictor("cpu")
+
+    class FullGPU:
+        """The same model on a GPU whose memory is taken: every proposal fails as CUDA's does."""
+
+        def __getattr__(self, name):
+            return getattr(cpu_predictor, name)
+
+        def predict(self, *args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU
+    real = session.predictor
+    monkeypatch.setattr(session, "predictor",
+                        lambda device="auto", tta=False: FullGPU() if device == "cuda" else real(device, tta))
+    prediction, warning = session.predict(device="cuda")
+    assert warning == "GPU out of memory: ran on the CPU"
+    np.testing.assert_array_equal(prediction.labels, on_cpu.labels)

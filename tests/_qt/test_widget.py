@@ -258,6 +258,7 @@ def test_another_case_opened_takes_over_without_mixing(annotator, case_b, tmp_pa
     viewer.open(next(case_b.glob("*_flair.nii.gz")), plugin="napari-unet")
     qtbot.waitUntil(lambda: widget.session is not None and widget.session.case_id == case_b.name, timeout=WAIT)
     assert not a_layer.visible and not a_flair.visible and viewer.layers[-1].visible
+    assert not a_layer.editable  # an edit to a case no longer tracked would be lost
     assert sorted(widget.session.images) == ["flair"]
     widget.propose_volume_btn.click()  # the shipped model works from FLAIR alone
     wait_idle(widget)
@@ -407,3 +408,39 @@ def test_closing_the_widget_saves_and_releases_keys(annotator, tmp_path, qtbot, 
     case_dir = tmp_path / "store" / case_a.name
     assert _stored_labels(case_dir)[25, 40, 40] == EDEMA
     assert not bound & {str(k) for k in viewer.keymap}
+
+
+def test_the_default_store_is_beside_the_case_and_a_listed_slice_is_a_click_away(make_napari_viewer, case_a,
+                                                                               tmp_path, qtbot):
+    import shutil
+
+    case = shutil.copytree(case_a, tmp_path / "data" / case_a.name)
+    viewer = make_napari_viewer(show=True)
+    widget = AnnotationWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    viewer.open(case, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    z = 20
+    widget.go_to_slice(z)
+    widget.reviewed_btn.click()
+    widget.go_to_slice(40)
+    item = widget.reviewed_list.item(0)
+    rect = widget.reviewed_list.visualItemRect(item)
+    qtbot.mouseClick(widget.reviewed_list.viewport(), Qt.LeftButton, pos=rect.center())
+    assert widget.current_slice() == z
+    widget.save().result()
+    record = _store_record(tmp_path / "data" / "napari-unet-corrections" / case_a.name)
+    assert record is not None and len(record["reviewed_slices"]) == 1
+
+
+def test_a_reader_chosen_in_the_preferences_is_kept(make_napari_viewer):
+    from napari.settings import get_settings
+
+    plugins = get_settings().plugins
+    before = dict(plugins.extension2reader)
+    try:
+        plugins.extension2reader = {"*.nii.gz": "napari"}  # the user's choice for .nii.gz
+        AnnotationWidget(make_napari_viewer())
+        assert plugins.extension2reader == {"*.nii.gz": "napari", "*.nii": "napari-unet"}
+    finally:
+        plugins.extension2reader = before
