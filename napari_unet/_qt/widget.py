@@ -571,6 +571,10 @@ class AnnotationWidget(QWidget):
         The labels and the review state are copied here, on the GUI thread; the files are
         written (atomically) in the background. Returns the Future of the write.
         """
+        # Edits not collected yet go into this save, reviewed and with a BraTS 4 made 3: a save
+        # timer can fire before the edit timer, and a raw 4 is no canonical label.
+        self._edit_timer.stop()
+        self._collect_edits()
         self._save_timer.stop()
         layer = self.annotation_layer
         if self.session is None or layer is None:
