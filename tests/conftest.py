@@ -33,9 +33,15 @@ def layout(request):
     return request.param
 
 
+# Some of the generator's gliomas do not enhance (seed 0's first case among them); the tests of
+# label conversion need a case that holds all three tissues: this seed's first case does.
+ALL_TISSUES_SEED = 2
+
+
 @pytest.fixture
 def case_path(dataset_factory, layout):
-    return dataset_factory(layout, cases=1)[0]
+    """A case holding all three tissues, in `layout`."""
+    return dataset_factory(layout, cases=1, seed=ALL_TISSUES_SEED)[0]
 
 
 def expected_labels(seed: int, index: int, shape=SMALL) -> np.ndarray:
