@@ -18,4 +18,5 @@ napari-unet train "$data" --out "$out" --steps "$steps" --val-fraction 0.1 --val
     --checkpoint-every 250 --base-channels 16 --depth 4 --padding same --norm batch \
     --batch-size 8 --patch 128 --lr 0.002 --seed 0 --device cpu --modality-dropout 0.3
 napari-unet info "$out"
-python "$(dirname "$0")/make_replay_bank.py" "$(dirname "$out")/synthetic_replay.npz" --cases 16 --patches-per-case 8 --seed 11
+python "$(dirname "$0")/make_replay_bank.py" "$(dirname "$out")/synthetic_replay.npz" --cases 16 --patches-per-case 8 \
+    --seed 11 --model "$out"

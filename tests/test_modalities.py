@@ -119,6 +119,12 @@ def test_finetuning_on_a_four_modality_case_keeps_the_model_working_on_two(
     result = session.finetune(steps=40, device="cpu")
     assert load_model(result.path).metadata["training"]["modality_dropout"] == pytest.approx(0.4 / 3, abs=1e-3)
 
+    # An explicit 0 is a choice, not "unset": the fine-tune then hides nothing.
+    out = tmp_path / "no_dropout.safetensors"
+    assert main(["finetune", str(tmp_path / "store"), "--model", str(dropout_model), "--out", str(out),
+                 "--steps", "2", "--device", "cpu", "--modality-dropout", "0"]) == 0
+    assert load_model(out).metadata["training"]["modality_dropout"] == 0.0
+
     two = read_case(two_modality_case)
     before = Predictor(load_model(dropout_model), "cpu").predict_case(two).labels
     after = Predictor(load_model(result.path), "cpu").predict_case(two).labels

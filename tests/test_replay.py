@@ -63,3 +63,23 @@ def test_a_damaged_bank_is_refused_naming_the_file(tmp_path, damage):
         load_bank(path)
     with pytest.raises(NapariUnetError, match="none of the model's modalities"):
         load_bank(shipped_bank_path()).for_modalities(("pd",))
+
+
+def test_the_bank_follows_the_model_it_was_made_for_through_its_fine_tunes(tiny_model, tmp_path):
+    import shutil
+
+    from napari_unet.modelfile import default_model_path, load_model
+    from training.replay import bank_for_model, mark_model
+
+    assert bank_for_model(load_model(default_model_path()).metadata) == shipped_bank_path()
+    model = tmp_path / "m.safetensors"
+    shutil.copy(tiny_model[0], model)
+    assert bank_for_model(load_model(model).metadata) is None  # trained elsewhere: no bank of its data
+    mark_model(model)
+    marked = load_model(model).metadata
+    assert bank_for_model(marked) == shipped_bank_path()
+    # A fine-tune of a fine-tune: its record nests the base models' records.
+    twice = {"training": {"kind": "fine-tuned", "base_model": {"training": {
+        "kind": "fine-tuned", "base_model": {"training": marked["training"]}}}}}
+    assert bank_for_model(twice) == shipped_bank_path()
+    assert bank_for_model({"training": {"base_model": {"training": {"kind": "from scratch"}}}}) is None

@@ -226,6 +226,8 @@ def test_finetuning_on_a_case_without_necrosis_keeps_proposing_necrosis_elsewher
         predictor = Predictor(load_model(model), "cpu")
         return sum(int((predictor.predict_case(c).labels == NECROTIC).sum()) for c in held_out)
 
+    # A whole case (no unreviewed slices to self-replay) and a brisk learning rate: the corrections
+    # would wipe necrosis out within 60 steps.
     quick = dict(device="cpu", patch=64, steps=60, early_stop_patience=0, lr=1e-3)
     with_bank = finetune(tmp_path / "store", base, tmp_path / "bank.safetensors",
                          settings=FINETUNE.updated(**quick), bank=bank).path
@@ -235,3 +237,51 @@ def test_finetuning_on_a_case_without_necrosis_keeps_proposing_necrosis_elsewher
     assert before > 50, before
     assert kept >= 0.5 * before, (before, kept, lost)
     assert lost < 0.5 * kept, (before, kept, lost)
+
+
+def test_a_loss_that_turns_nan_writes_no_model(small_cases, tmp_path):
+    """Training on data with a bad value stops with a message naming the step; nothing is written."""
+    from training.data import TrainCase
+
+    case = small_cases[0]
+    bad = TrainCase(case.case_id, case.image.copy(), case.labels, case.trusted)
+    bad.image[:, case.trusted] = np.nan
+    model, meta = _fresh()
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(NapariUnetError, match="diverged at step 1"):
+        run(model, meta, [bad], Settings(steps=3, augment=False, **QUICK), out=out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_model_file_holds_the_best_validated_weights(small_cases, tmp_path):
+    """Validated every step, the file holds the step with the best mean Dice: validating what it
+    holds gives that step's Dice again, not the last step's."""
+    from training.loop import validate
+
+    model, meta = _fresh()
+    out = tmp_path / "m.safetensors"
+    result = run(model, meta, small_cases[:2], Settings(steps=12, val_every=1, lr=3e-2, **QUICK), out=out,
+                 val_cases=small_cases[2:])
+    history = {h["step"]: float(np.mean(list(h["val_dice"].values()))) for h in result.history}
+    best_step = max(history, key=history.get)
+    saved = load_model(out)
+    assert saved.metadata["training"]["selected"] == f"best validation Dice, at step {best_step}"
+    again = validate(saved.model, saved.metadata, small_cases[2:], torch.device("cpu"))
+    assert np.mean(list(again.values())) == pytest.approx(history[best_step], abs=1e-6)
+    if history[best_step] != history[12]:  # the last step was not the best: its weights are not the file's
+        assert np.mean(list(again.values())) != pytest.approx(history[12], abs=1e-6)
+
+
+def test_finetuning_keeps_the_base_models_batchnorm_statistics_and_takes_replay_data(tiny_model, dataset_factory,
+                                                                                      tmp_path):
+    store = _make_store(dataset_factory, tmp_path, per_case=2)
+    replay_root = dataset_factory("brats2021", cases=2, seed=13, shape=TRAIN_SHAPE)[0].parent
+    out = tmp_path / "new.safetensors"
+    assert main(["finetune", str(store), "--model", str(tiny_model[0]), "--out", str(out), "--steps", "4",
+                 "--device", "cpu", "--replay", str(replay_root)]) == 0
+    base, new = load_model(tiny_model[0]).model.state_dict(), load_model(out).model.state_dict()
+    stats = [k for k in base if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(base[k], new[k]) for k in stats)
+    assert any(not torch.equal(base[k], new[k]) for k in base if k.endswith(".weight"))  # it did learn
+    meta = load_model(out).metadata["training"]
+    assert meta["replay"] == str(replay_root) and meta["bank"] is None  # the tiny model has no bank

@@ -148,6 +148,21 @@ def test_train_reads_from_the_cache_and_records_the_best_validation(root, tmp_pa
     assert settings["modalities"] == list(MODALITIES)
 
 
+@pytest.mark.parametrize("val_every, validated_steps", [("0", []), ("2", [2, 4]), (None, [1, 2, 3, 4])])
+def test_val_every_zero_validates_only_once_at_the_end(root, tmp_path, val_every, validated_steps):
+    """--val-every 0 means what its help says: no validation while training, one at the end;
+    unset, a tenth of the steps (here every step)."""
+    out = tmp_path / "m.safetensors"
+    args = ["train", str(root), "--out", str(out), "--cache", str(tmp_path / "cache"), "--steps", "4",
+            "--batch-size", "2", "--patch", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu",
+            "--val-fraction", "0.34", "--workers", "0", "--prepare-workers", "1"]
+    assert main(args + (["--val-every", val_every] if val_every is not None else [])) == 0
+    state = torch.load(out.with_name("m.checkpoint.pt"), weights_only=True)
+    assert [h["step"] for h in state["history"] if "val_dice" in h] == validated_steps
+    meta = load_model(out).metadata["training"]
+    assert set(meta["validation_dice"]) == {"WT", "TC", "ET"}  # validated at the end all the same
+
+
 def test_precision_follows_the_gpu_generation(monkeypatch):
     from training.loop import autocast_dtype
 

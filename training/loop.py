@@ -493,10 +493,12 @@ def finetune(
     """Fine-tune BASE on the reviewed slices of a corrections store; BASE is never modified.
 
     Mixed into every batch: `replay` (a BraTS root) or else the base model's own labels on the
-    store's unreviewed slices, and the synthetic replay bank (`bank`: a file, default the shipped
-    one) when `settings.bank_fraction` is above 0.
+    store's unreviewed slices, and a replay bank of the base model's training distribution
+    (`bank`: a file; by default the one the model's record names, the shipped bank for the
+    shipped model and its fine-tunes; none for other models, whose self-replay then takes the
+    bank's share of the batch).
     """
-    from training.replay import load_bank
+    from training.replay import bank_for_model, load_bank
 
     settings = replace(settings or FINETUNE)  # a copy: the defaults are shared
     out = Path(out)
@@ -510,7 +512,14 @@ def finetune(
         replay_cases = load_root(replay, loaded.modalities, norm)
     else:
         replay_cases = self_replay(loaded, cases, settings.device)
-    replay_bank = load_bank(bank).for_modalities(loaded.modalities) if settings.bank_fraction > 0 else None
+    bank = bank if bank is not None else bank_for_model(loaded.metadata)
+    replay_bank = load_bank(bank).for_modalities(loaded.modalities) if bank and settings.bank_fraction > 0 else None
+    # One kind of earlier data missing, the other takes its share of the batch: no bank of the
+    # base model's own data, or no unreviewed slices to self-replay (a store of whole cases).
+    if replay_bank is None:
+        settings.replay_fraction, settings.bank_fraction = settings.replay_fraction + settings.bank_fraction, 0.0
+    elif not replay_cases:
+        settings.replay_fraction, settings.bank_fraction = 0.0, settings.replay_fraction + settings.bank_fraction
     base_training = loaded.metadata.get("training", {})
     if settings.modality_dropout is None:
         # Some of the base model's dropout, or a few corrected four-modality slices teach it to

@@ -17,6 +17,7 @@ float32, `labels` (N, P, P) uint8 canonical, `modalities`, and a JSON `record` o
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -29,6 +30,11 @@ from napari_unet.cases import MODALITIES
 
 BANK_FORMAT = "napari-unet replay bank"
 LEVELS = 254  # brain values map to 1..255; 0 stays "outside the brain"
+
+
+# A model's metadata names the bank of its own training distribution under training.replay_bank;
+# fine-tuned models inherit it through their base model's record.
+SHIPPED = "shipped"
 
 
 def shipped_bank_path() -> Path:
@@ -113,7 +119,7 @@ def load_bank(path: str | Path | None = None) -> ReplayBank:
             images, lo, hi, labels = z["images"], z["lo"], z["hi"], z["labels"]
             modalities = tuple(str(m) for m in z["modalities"])
             record = json.loads(str(z["record"]))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # JSONDecodeError is a ValueError
         raise NapariUnetError(f"{path}: not a readable replay bank ({err})") from None
     n = len(labels)
     ok = (
@@ -165,3 +171,27 @@ def make_bank(
               "patches_per_case": patches_per_case, "tumour_fraction": tumour_fraction,
               "shape": list(shape or BRATS_SHAPE)}
     return np.stack(images), np.stack(los), np.stack(his), np.stack(labels), record
+
+
+def bank_for_model(metadata: dict) -> Path | None:
+    """The bank of the training distribution a model comes from (None: none is known).
+
+    A fine-tuned model's record holds its base model's, so the root of the chain decides.
+    """
+    training = metadata.get("training", {})
+    for _ in range(64):  # a chain of fine-tunes; bounded, whatever a file claims
+        base = training.get("base_model")
+        if not isinstance(base, dict) or not isinstance(base.get("training"), dict):
+            break
+        training = base["training"]
+    return shipped_bank_path() if training.get("replay_bank") == SHIPPED else None
+
+
+def mark_model(model_path: str | Path) -> Path:
+    """Record in a model file that the shipped bank is drawn from its training distribution."""
+    from napari_unet.modelfile import load_model, save_model
+
+    loaded = load_model(model_path)
+    metadata = dict(loaded.metadata)
+    metadata["training"] = {**metadata.get("training", {}), "replay_bank": SHIPPED}
+    return save_model(loaded.model, metadata, model_path)
