@@ -218,7 +218,8 @@ class AnnotationSession:
         key = (predictor.modalities, tuple(predictor.metadata.get("required_modalities", ())))
         if self._prepared_key != key:
             self._prepared = predictor.prepare(input_stack(predictor.metadata, self.images,
-                                                           self.source.path or self.case_id))
+                                                           self.source.path or self.case_id),
+                                               voxel_ml=float(np.prod(self.source.spacing)) / 1000)
             self._prepared_key = key
         kwargs = dict(slices=slices, with_uncertainty=True, progress=progress, cancel=cancel)
         try:
