@@ -125,6 +125,28 @@ def test_nested_roots_several_roots_and_duplicates(root, tmp_path, capsys):
     assert "BraTS2021_09999: the same images as BraTS2021_00001; used once" in captured.err
 
 
+@pytest.mark.parametrize("damage, message", [("no labels", "segmentation"), ("NaN voxels", "NaN")])
+def test_a_case_without_labels_or_with_nan_voxels_is_skipped_with_a_message(root, tmp_path, capsys, damage,
+                                                                            message):
+    import nibabel as nib
+
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    case = data / "BraTS2021_00002"
+    if damage == "no labels":
+        next(case.glob("*_seg.nii.gz")).unlink()
+    else:
+        path = next(case.glob("*_t1.nii.gz"))
+        img = nib.load(path)
+        values = np.asarray(img.dataobj, np.float32)
+        values[values.shape[0] // 2, values.shape[1] // 2, values.shape[2] // 2] = np.nan
+        nib.save(nib.Nifti1Image(values, img.affine), path)
+    assert main(["prepare", str(data), "--cache", str(tmp_path / "c"), "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "2 case(s) ready" in captured.out
+    assert "skipped:" in captured.err and "BraTS2021_00002" in captured.err and message in captured.err
+
+
 def test_a_case_missing_a_modality_is_skipped_with_a_message(root, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(root, data)
