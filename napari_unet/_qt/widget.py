@@ -1,6 +1,7 @@
 """The annotation dock widget: propose, correct, review, save, fine-tune.
 
-It lays out controls, wires signals and keeps napari's layers in step with one Qt-free
+Its panels are laid out by `widget_gui` and its background tasks run through `tasks.TaskRunner`;
+it wires signals and keeps napari's layers in step with one Qt-free
 `AnnotationSession` per open case, which owns the state and makes every decision. Long work
 runs in a worker thread; progress comes back through a Qt signal so the GUI thread only
 updates widgets. `closeEvent` releases everything it connected.
@@ -16,29 +17,15 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QListWidget,
-    QListWidgetItem,
-    QProgressBar,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QWidget
 
 from napari_unet import NapariUnetError
-from napari_unet._qt.plot import LossPlot
-from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC
+from napari_unet._qt import widget_gui
+from napari_unet._qt.tasks import TaskRunner
+from napari_unet._qt.widget_gui import SHIPPED_MODEL_ITEM
+from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_NAMES, NECROTIC
 from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
 
-SHIPPED_MODEL_ITEM = "shipped default model"  # the model menu's entry for the packaged model
 DEFAULT_STORE = "napari-unet-corrections"
 WIDGET_NAME = "Tumour annotation (U-Net)"
 _KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next",
@@ -51,16 +38,6 @@ class _Bridge(QObject):
     progress = Signal(int, int, object)
     saved = Signal(str, bool)  # text, is_error
     failed = Signal(str)  # a background task that nobody waits on went wrong
-
-
-def _with_button(field: QWidget, text: str, slot) -> QHBoxLayout:
-    """A form row: a field that stretches and a small button beside it."""
-    button = QPushButton(text)
-    button.clicked.connect(slot)
-    row = QHBoxLayout()
-    row.addWidget(field, 1)
-    row.addWidget(button)
-    return row
 
 
 def _display_ready(result):
@@ -103,14 +80,9 @@ class AnnotationWidget(QWidget):
         self._annotation = None  # the session's Labels layer
         self._store_chosen = False  # a store the user picked is kept for every case
         self._seen: set = set()  # the cases open at the last look, to tell a newly opened one
-        self._worker = None
-        self._what = ""
-        self._napari_bar = None
         self._warming: Future | None = None
         self._review_next_at: int | None = None  # the slice Review next last went to
-        self._cancel = threading.Event()
         self._bridge = _Bridge(self)  # a child: destroyed with the widget, so late signals go nowhere
-        self._bridge.progress.connect(self._on_progress)
         self._bridge.saved.connect(self._on_saved)
         self._bridge.failed.connect(self._error)
         # Saving runs on its own thread: painting never waits for a NIfTI file to be written.
@@ -122,10 +94,13 @@ class AnnotationWidget(QWidget):
         self._save_timer.timeout.connect(self.save)
         self._edit_timer = QTimer(self, singleShot=True, interval=50)
         self._edit_timer.timeout.connect(self._collect_edits)
-        self._build()
+        widget_gui.build(self)
+        self.tasks = TaskRunner(self.progress_bar, self.cancel_btn, self._message, self._error,
+                                lambda info: self.loss_plot.add(info["loss"]) if "loss" in info else None)
+        self._bridge.progress.connect(self.tasks.on_progress)
         self._connections: list[tuple] = []  # (emitter, callback), disconnected on teardown
         self._release = functools.partial(_release, self.viewer, self._connections, self._saver, self._warmer,
-                                          self._cancel)
+                                          self.tasks.cancel_event)
         self.destroyed.connect(self._release)
         # Deferred: a reader adds several layers in a row; attach once they are all in.
         self._connect(self.viewer.layers.events.inserted, self._schedule_attach)
@@ -137,104 +112,6 @@ class AnnotationWidget(QWidget):
             self.viewer.bind_key(key, handler, overwrite=True)
         _prefer_our_reader_for_nifti()
         self._attach()
-
-    # ------------------------------------------------------------------ layout
-    def _build(self) -> None:
-        layout = QVBoxLayout(self)
-
-        box = QGroupBox("Model")
-        form = QFormLayout(box)
-        self.model_combo = QComboBox()
-        self.model_combo.addItem(SHIPPED_MODEL_ITEM)
-        form.addRow("model", _with_button(self.model_combo, "File…", self._browse_model))
-        self.model_combo.currentIndexChanged.connect(self._model_changed)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
-        form.addRow("device", self.device_combo)
-        self.tta_check = QCheckBox("flip averaging (4x slower)")
-        form.addRow("", self.tta_check)
-        layout.addWidget(box)
-
-        box = QGroupBox("Propose")
-        col = QVBoxLayout(box)
-        row = QHBoxLayout()
-        self.propose_volume_btn = QPushButton("Whole volume")
-        self.propose_slice_btn = QPushButton("This slice")
-        self.propose_volume_btn.clicked.connect(lambda: self.propose(current_slice=False))
-        self.propose_slice_btn.clicked.connect(lambda: self.propose(current_slice=True))
-        row.addWidget(self.propose_volume_btn)
-        row.addWidget(self.propose_slice_btn)
-        col.addLayout(row)
-        self.show_uncertainty = QCheckBox("show uncertainty layer")
-        self.show_uncertainty.toggled.connect(self._toggle_uncertainty)
-        col.addWidget(self.show_uncertainty)
-        layout.addWidget(box)
-
-        box = QGroupBox("Paint (Alt-0 … Alt-3)")
-        row = QHBoxLayout(box)
-        self.label_buttons = {}
-        for value in (NECROTIC, EDEMA, ENHANCING, BACKGROUND):
-            name = "eraser" if value == BACKGROUND else LABEL_NAMES[value]
-            button = QPushButton(f"{value} {name}")
-            if value in LABEL_COLORS:
-                r, g, b, _ = (int(255 * c) for c in LABEL_COLORS[value])
-                button.setStyleSheet(f"border-left: 6px solid rgb({r},{g},{b});")
-            button.clicked.connect(lambda _=False, v=value: self.select_label(v))
-            row.addWidget(button)
-            self.label_buttons[value] = button
-        layout.addWidget(box)
-
-        box = QGroupBox("Review")
-        col = QVBoxLayout(box)
-        self.slice_label = QLabel("no case open")
-        col.addWidget(self.slice_label)
-        row = QHBoxLayout()
-        self.reviewed_btn = QPushButton("Mark reviewed (Shift-R)")
-        self.reviewed_btn.clicked.connect(lambda: self.toggle_reviewed())
-        self.next_btn = QPushButton("Review next (Shift-N)")
-        self.next_btn.setToolTip("jump to the unreviewed slice where the model is least sure")
-        self.next_btn.clicked.connect(lambda: self.review_next())
-        row.addWidget(self.reviewed_btn)
-        row.addWidget(self.next_btn)
-        col.addLayout(row)
-        self.reviewed_list = QListWidget()
-        self.reviewed_list.setMaximumHeight(110)
-        self.reviewed_list.itemClicked.connect(lambda item: self.go_to_slice(int(item.data(Qt.UserRole))))
-        col.addWidget(QLabel("reviewed slices (click to jump):"))
-        col.addWidget(self.reviewed_list)
-        layout.addWidget(box)
-
-        box = QGroupBox("Corrections store and fine-tuning")
-        form = QFormLayout(box)
-        self.store_edit = QLineEdit()
-        self.store_edit.setPlaceholderText("folder for corrections")
-        self.store_edit.editingFinished.connect(lambda: self.set_store(self.store_edit.text()))
-        form.addRow("store", _with_button(self.store_edit, "…", self._browse_store))
-        self.finetune_btn = QPushButton("Fine-tune on corrections")
-        self.finetune_btn.clicked.connect(lambda: self.finetune())
-        form.addRow(self.finetune_btn)
-        self.loss_plot = LossPlot()
-        form.addRow(self.loss_plot)
-        layout.addWidget(box)
-
-        row = QHBoxLayout()
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setTextVisible(True)
-        self.progress_bar.setFormat("")
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.cancel)
-        row.addWidget(self.progress_bar, 1)
-        row.addWidget(self.cancel_btn)
-        layout.addLayout(row)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        layout.addWidget(self.status)
-        self.save_label = QLabel("")  # autosaves report here, so they never hide the last action's result
-        self.save_label.setWordWrap(True)
-        self.save_label.setStyleSheet("color: gray;")
-        layout.addWidget(self.save_label)
-        layout.addStretch(1)
 
     # ------------------------------------------------------------------ the case
     def _open_cases(self) -> dict[tuple, dict]:
@@ -440,7 +317,7 @@ class AnnotationWidget(QWidget):
     # ------------------------------------------------------------------ propose
     def propose(self, current_slice: bool = False, note: str = ""):
         """Propose labels (off the GUI thread); reviewed slices are kept."""
-        if self._refuse_if_busy():
+        if self.tasks.refuse_if_busy():
             return None
         if self.session is None or self.annotation_layer is None:
             self._error("open a BraTS case first (File > Open, File > Open Sample, or napari-unet annotate)")
@@ -451,11 +328,11 @@ class AnnotationWidget(QWidget):
 
         def work():
             return _display_ready(session.predict(
-                slices, device=device, tta=tta, cancel=self._cancel.is_set,
+                slices, device=device, tta=tta, cancel=self.tasks.cancel_event.is_set,
                 progress=lambda d, t: self._bridge.progress.emit(d, t, None)))
 
         # A single slice is done in a blink: napari's activity bar would cost more than the work.
-        return self._start(work, lambda result: self._proposal_done(session, result, note), "proposing",
+        return self.tasks.start(work, lambda result: self._proposal_done(session, result, note), "proposing",
                            napari_bar=not current_slice)
 
     def _proposal_done(self, session, result, note: str) -> None:
@@ -598,7 +475,7 @@ class AnnotationWidget(QWidget):
     # ------------------------------------------------------------------ fine-tune
     def finetune(self, steps: int | None = None):
         """Fine-tune the current model on the store; the result becomes the current model."""
-        if self._refuse_if_busy():
+        if self.tasks.refuse_if_busy():
             return None
         if self.session is None or not self.session.reviewed:
             self._error("review or correct some slices first: only reviewed slices teach the model")
@@ -610,10 +487,10 @@ class AnnotationWidget(QWidget):
         def work():
             if pending is not None:
                 pending.result()  # the store holds the latest corrections before training reads it
-            return session.finetune(steps=steps, device=device, cancel=self._cancel.is_set,
+            return session.finetune(steps=steps, device=device, cancel=self.tasks.cancel_event.is_set,
                                     progress=lambda d, t, **info: self._bridge.progress.emit(d, t, info))
 
-        return self._start(work, self._finetune_done, "fine-tuning")
+        return self.tasks.start(work, self._finetune_done, "fine-tuning")
 
     def _finetune_done(self, result) -> None:
         self.set_model(result.path)
@@ -625,83 +502,10 @@ class AnnotationWidget(QWidget):
     @property
     def busy(self) -> bool:
         """A proposal or a fine-tuning is running (or the model is still loading)."""
-        return self._worker is not None or (self._warming is not None and not self._warming.done())
-
-    def _refuse_if_busy(self) -> bool:
-        if self._worker is not None:
-            self._message("busy: wait, or press Cancel")
-            return True
-        return False
-
-    def _start(self, func, on_done, what: str, napari_bar: bool = True):
-        from napari.qt.threading import create_worker
-        from napari.utils import progress as napari_progress
-
-        from napari_unet.predict import Cancelled
-
-        def guarded():
-            # Expected outcomes come back as values; only real bugs travel as exceptions.
-            try:
-                return "done", func()
-            except Cancelled:
-                return "cancelled", None
-            except NapariUnetError as err:
-                return "error", err
-
-        def returned(outcome):
-            self._finish(worker)  # before on_done, which may start the next task
-            kind, value = outcome
-            if kind == "done":
-                on_done(value)
-            elif kind == "cancelled":
-                self._message(f"{what} cancelled; nothing was changed")
-            else:
-                self._error(str(value))
-
-        self._cancel.clear()
-        self._what = what
-        self._napari_bar = napari_progress(total=0, desc=what) if napari_bar else None
-        worker = create_worker(guarded)
-        worker.returned.connect(returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(lambda: self._finish(worker))
-        self._worker = worker
-        self.cancel_btn.setEnabled(True)
-        self.progress_bar.setFormat(f"{what} %p%")
-        self.progress_bar.setValue(0)
-        worker.start()
-        return worker
-
-    def _on_progress(self, done: int, total: int, info) -> None:
-        self.progress_bar.setMaximum(max(total, 1))
-        self.progress_bar.setValue(done)
-        bar = self._napari_bar
-        if bar is not None:
-            if bar.total != total:
-                bar.total = total
-            bar.n = done
-            bar.refresh()
-        if info and "loss" in info:
-            self.loss_plot.add(info["loss"])
-
-    def _on_error(self, err) -> None:
-        self._error(f"{self._what} failed: {type(err).__name__}: {err}")
-
-    def _finish(self, worker) -> None:
-        """Forget a finished task (once; a later task may already have started)."""
-        if self._worker is not worker:
-            return
-        self._worker = None
-        self.cancel_btn.setEnabled(False)
-        self.progress_bar.setFormat("")
-        self.progress_bar.setValue(0)
-        if self._napari_bar is not None:
-            self._napari_bar.close()
-            self._napari_bar = None
+        return self.tasks.worker is not None or (self._warming is not None and not self._warming.done())
 
     def cancel(self) -> None:
-        self._cancel.set()
-        self._message(f"cancelling {self._what}…")
+        self.tasks.cancel()
 
     # ------------------------------------------------------------------ messages
     def _on_saved(self, text: str, is_error: bool) -> None:
@@ -731,8 +535,8 @@ class AnnotationWidget(QWidget):
         if self.session is not None and self.annotation_layer is not None:
             self._collect_edits()
             self.save()
-        if self._worker is not None:
-            self._worker.quit()
+        if self.tasks.worker is not None:
+            self.tasks.worker.quit()
         self._release()
         super().closeEvent(event)
 

@@ -1,0 +1,96 @@
+"""One background task at a time for the widget: a napari worker thread, its progress on the
+widget's bar and napari's, Cancel, and expected outcomes (done, cancelled, a clear error) as values."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from napari_unet import NapariUnetError
+
+
+class TaskRunner:
+    def __init__(self, progress_bar, cancel_btn, message: Callable[[str], None], error: Callable[[str], None],
+                 on_info: Callable[[dict], None]):
+        self.progress_bar, self.cancel_btn = progress_bar, cancel_btn
+        self.message, self.error, self.on_info = message, error, on_info
+        self.cancel_event = threading.Event()
+        self.worker = None
+        self.what = ""
+        self.napari_bar = None
+
+    def refuse_if_busy(self) -> bool:
+        if self.worker is not None:
+            self.message("busy: wait, or press Cancel")
+            return True
+        return False
+
+    def start(self, func, on_done, what: str, napari_bar: bool = True):
+        from napari.qt.threading import create_worker
+        from napari.utils import progress as napari_progress
+
+        from napari_unet.predict import Cancelled
+
+        def guarded():
+            # Expected outcomes come back as values; only real bugs travel as exceptions.
+            try:
+                return "done", func()
+            except Cancelled:
+                return "cancelled", None
+            except NapariUnetError as err:
+                return "error", err
+
+        def returned(outcome):
+            self.finish(worker)  # before on_done, which may start the next task
+            kind, value = outcome
+            if kind == "done":
+                on_done(value)
+            elif kind == "cancelled":
+                self.message(f"{what} cancelled; nothing was changed")
+            else:
+                self.error(str(value))
+
+        self.cancel_event.clear()
+        self.what = what
+        self.napari_bar = napari_progress(total=0, desc=what) if napari_bar else None
+        worker = create_worker(guarded)
+        worker.returned.connect(returned)
+        worker.errored.connect(self.on_error)
+        worker.finished.connect(lambda: self.finish(worker))
+        self.worker = worker
+        self.cancel_btn.setEnabled(True)
+        self.progress_bar.setFormat(f"{what} %p%")
+        self.progress_bar.setValue(0)
+        worker.start()
+        return worker
+
+    def on_progress(self, done: int, total: int, info) -> None:
+        self.progress_bar.setMaximum(max(total, 1))
+        self.progress_bar.setValue(done)
+        bar = self.napari_bar
+        if bar is not None:
+            if bar.total != total:
+                bar.total = total
+            bar.n = done
+            bar.refresh()
+        if info:
+            self.on_info(info)
+
+    def on_error(self, err) -> None:
+        self.error(f"{self.what} failed: {type(err).__name__}: {err}")
+
+    def finish(self, worker) -> None:
+        """Forget a finished task (once; a later task may already have started)."""
+        if self.worker is not worker:
+            return
+        self.worker = None
+        self.cancel_btn.setEnabled(False)
+        self.progress_bar.setFormat("")
+        self.progress_bar.setValue(0)
+        if self.napari_bar is not None:
+            self.napari_bar.close()
+            self.napari_bar = None
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+        self.message(f"cancelling {self.what}…")

@@ -1,0 +1,155 @@
+"""The annotation widget's layout: each panel lays out its controls and connects them to the
+widget's methods; it decides nothing (the widget and its Qt-free session do)."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_unet._qt.plot import LossPlot
+from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC
+
+SHIPPED_MODEL_ITEM = "shipped default model"  # the model menu's entry for the packaged model
+
+
+def with_button(field: QWidget, text: str, slot) -> QHBoxLayout:
+    """A form row: a field that stretches and a small button beside it."""
+    button = QPushButton(text)
+    button.clicked.connect(slot)
+    row = QHBoxLayout()
+    row.addWidget(field, 1)
+    row.addWidget(button)
+    return row
+
+
+def model_panel(w) -> QGroupBox:
+    """The model, the device and flip averaging."""
+    box = QGroupBox("Model")
+    form = QFormLayout(box)
+    w.model_combo = QComboBox()
+    w.model_combo.addItem(SHIPPED_MODEL_ITEM)
+    form.addRow("model", with_button(w.model_combo, "File…", w._browse_model))
+    w.model_combo.currentIndexChanged.connect(w._model_changed)
+    w.device_combo = QComboBox()
+    w.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+    form.addRow("device", w.device_combo)
+    w.tta_check = QCheckBox("flip averaging (4x slower)")
+    form.addRow("", w.tta_check)
+    return box
+
+
+def propose_panel(w) -> QGroupBox:
+    """Propose the whole volume or the slice on screen; the uncertainty layer."""
+    box = QGroupBox("Propose")
+    col = QVBoxLayout(box)
+    row = QHBoxLayout()
+    w.propose_volume_btn = QPushButton("Whole volume")
+    w.propose_slice_btn = QPushButton("This slice")
+    w.propose_volume_btn.clicked.connect(lambda: w.propose(current_slice=False))
+    w.propose_slice_btn.clicked.connect(lambda: w.propose(current_slice=True))
+    row.addWidget(w.propose_volume_btn)
+    row.addWidget(w.propose_slice_btn)
+    col.addLayout(row)
+    w.show_uncertainty = QCheckBox("show uncertainty layer")
+    w.show_uncertainty.toggled.connect(w._toggle_uncertainty)
+    col.addWidget(w.show_uncertainty)
+    return box
+
+
+def paint_panel(w) -> QGroupBox:
+    """One button per label, in its colour."""
+    box = QGroupBox("Paint (Alt-0 … Alt-3)")
+    row = QHBoxLayout(box)
+    w.label_buttons = {}
+    for value in (NECROTIC, EDEMA, ENHANCING, BACKGROUND):
+        name = "eraser" if value == BACKGROUND else LABEL_NAMES[value]
+        button = QPushButton(f"{value} {name}")
+        if value in LABEL_COLORS:
+            r, g, b, _ = (int(255 * c) for c in LABEL_COLORS[value])
+            button.setStyleSheet(f"border-left: 6px solid rgb({r},{g},{b});")
+        button.clicked.connect(lambda _=False, v=value: w.select_label(v))
+        row.addWidget(button)
+        w.label_buttons[value] = button
+    return box
+
+
+def review_panel(w) -> QGroupBox:
+    """The slice on screen, Mark reviewed, Review next, the reviewed slices."""
+    box = QGroupBox("Review")
+    col = QVBoxLayout(box)
+    w.slice_label = QLabel("no case open")
+    col.addWidget(w.slice_label)
+    row = QHBoxLayout()
+    w.reviewed_btn = QPushButton("Mark reviewed (Shift-R)")
+    w.reviewed_btn.clicked.connect(lambda: w.toggle_reviewed())
+    w.next_btn = QPushButton("Review next (Shift-N)")
+    w.next_btn.setToolTip("jump to the unreviewed slice where the model is least sure")
+    w.next_btn.clicked.connect(lambda: w.review_next())
+    row.addWidget(w.reviewed_btn)
+    row.addWidget(w.next_btn)
+    col.addLayout(row)
+    w.reviewed_list = QListWidget()
+    w.reviewed_list.setMaximumHeight(110)
+    w.reviewed_list.itemClicked.connect(lambda item: w.go_to_slice(int(item.data(Qt.UserRole))))
+    col.addWidget(QLabel("reviewed slices (click to jump):"))
+    col.addWidget(w.reviewed_list)
+    return box
+
+
+def store_panel(w) -> QGroupBox:
+    """The corrections store, fine-tuning and its loss plot."""
+    box = QGroupBox("Corrections store and fine-tuning")
+    form = QFormLayout(box)
+    w.store_edit = QLineEdit()
+    w.store_edit.setPlaceholderText("folder for corrections")
+    w.store_edit.editingFinished.connect(lambda: w.set_store(w.store_edit.text()))
+    form.addRow("store", with_button(w.store_edit, "…", w._browse_store))
+    w.finetune_btn = QPushButton("Fine-tune on corrections")
+    w.finetune_btn.clicked.connect(lambda: w.finetune())
+    form.addRow(w.finetune_btn)
+    w.loss_plot = LossPlot()
+    form.addRow(w.loss_plot)
+    return box
+
+
+def progress_and_status(w, layout: QVBoxLayout) -> None:
+    """The task's progress bar and Cancel, the status line and the last save."""
+    row = QHBoxLayout()
+    w.progress_bar = QProgressBar()
+    w.progress_bar.setTextVisible(True)
+    w.progress_bar.setFormat("")
+    w.cancel_btn = QPushButton("Cancel")
+    w.cancel_btn.setEnabled(False)
+    w.cancel_btn.clicked.connect(w.cancel)
+    row.addWidget(w.progress_bar, 1)
+    row.addWidget(w.cancel_btn)
+    layout.addLayout(row)
+    w.status = QLabel("")
+    w.status.setWordWrap(True)
+    layout.addWidget(w.status)
+    w.save_label = QLabel("")  # autosaves report here, so they never hide the last action's result
+    w.save_label.setWordWrap(True)
+    w.save_label.setStyleSheet("color: gray;")
+    layout.addWidget(w.save_label)
+    layout.addStretch(1)
+
+
+def build(w) -> None:
+    """Lay out the panels of AnnotationWidget `w`, setting their controls on it."""
+    layout = QVBoxLayout(w)
+    for panel in (model_panel, propose_panel, paint_panel, review_panel, store_panel):
+        layout.addWidget(panel(w))
+    progress_and_status(w, layout)
