@@ -49,6 +49,19 @@ def annotator(make_napari_viewer, case_a, tmp_path, qtbot, dock_from_plugins_men
     return viewer, widget
 
 
+def _widget_with_case(viewer, case_path, qtbot, store=None, dock=True) -> AnnotationWidget:
+    """The widget (docked), its store, then the case opened with napari-unet's reader; returned
+    once the case's annotation layer is there."""
+    widget = AnnotationWidget(viewer)
+    if dock:
+        viewer.window.add_dock_widget(widget)
+    if store is not None:
+        widget.set_store(store)
+    viewer.open(case_path, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    return widget
+
+
 def _truth(viewer, widget) -> np.ndarray:
     return np.array(viewer.layers[f"{widget.session.case_id} tumour"].data)
 
@@ -61,11 +74,7 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
     """A full-size case of another scanner's look, end to end, as an annotator does it."""
     case_path = dataset_factory("brats2021", cases=1, seed=31, shape=BRATS_SHAPE, shift=1.0)[0]
     viewer = make_napari_viewer()
-    widget = AnnotationWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.set_store(tmp_path / "store")
-    viewer.open(case_path, plugin="napari-unet")
-    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    widget = _widget_with_case(viewer, case_path, qtbot, tmp_path / "store")
     truth = _truth(viewer, widget)
     assert viewer.layers[-1] is widget.annotation_layer  # what is edited is on top
     assert not viewer.layers["BraTS2021_00001 tumour"].visible
@@ -337,10 +346,7 @@ def test_cancel_leaves_the_labels_as_they_were(make_napari_viewer, dataset_facto
     # A full-size case: the proposal runs for seconds, so it is cancelled mid-way.
     case_path = dataset_factory("brats2021", cases=1, seed=31, shape=BRATS_SHAPE, shift=1.0)[0]
     viewer = make_napari_viewer()
-    widget = AnnotationWidget(viewer)
-    widget.set_store(tmp_path / "store")
-    viewer.open(case_path, plugin="napari-unet")
-    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    widget = _widget_with_case(viewer, case_path, qtbot, tmp_path / "store", dock=False)
     wait_idle(widget)  # the model loaded
     widget.propose_volume_btn.click()
     qtbot.waitUntil(lambda: widget.progress_bar.maximum() > 1, timeout=WAIT)  # the slices are going through
@@ -374,11 +380,7 @@ def test_saves_do_not_wait_for_the_model_warm_up_and_its_failure_is_shown(make_n
     loading = threading.Event()  # the warm-up holds until the test lets it go: a slow first import of torch
     monkeypatch.setattr(training.loop, "warm_up", lambda: loading.wait(WAIT / 1000))
     viewer = make_napari_viewer()
-    widget = AnnotationWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.set_store(tmp_path / "store")
-    viewer.open(case_a, plugin="napari-unet")
-    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    widget = _widget_with_case(viewer, case_a, qtbot, tmp_path / "store")
     widget.annotation_layer.data_setitem((np.array([25]), np.array([40]), np.array([40])), EDEMA)
     widget._collect_edits()
     widget.save().result(timeout=30)  # written while the model is still loading (held for WAIT)
@@ -418,10 +420,7 @@ def test_the_default_store_is_beside_the_case_and_a_listed_slice_is_a_click_away
 
     case = shutil.copytree(case_a, tmp_path / "data" / case_a.name)
     viewer = make_napari_viewer(show=True)
-    widget = AnnotationWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    viewer.open(case, plugin="napari-unet")
-    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    widget = _widget_with_case(viewer, case, qtbot)
     z = 20
     widget.go_to_slice(z)
     widget.reviewed_btn.click()
