@@ -73,6 +73,11 @@ class CaseSource:
     label_convention: str = ""  # when the file's values are not its layout's (BraTS 2013-2015 files)
 
     @property
+    def voxel_ml(self) -> float:
+        """One voxel's volume in millilitres."""
+        return float(np.prod(self.spacing)) / 1000
+
+    @property
     def convention(self) -> str:
         return self.label_convention or LAYOUT_CONVENTION[self.layout]
 

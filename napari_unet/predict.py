@@ -168,7 +168,7 @@ class Predictor:
 
     def prepare_case(self, case) -> PreparedVolume:
         return self.prepare(input_stack(self.metadata, case.images, case.source.path or case.case_id),
-                            voxel_ml=float(np.prod(case.spacing)) / 1000)
+                            voxel_ml=case.source.voxel_ml)
 
     def predict_case(self, case, **kwargs) -> Prediction:
         return self.predict(self.prepare_case(case), **kwargs)

@@ -219,7 +219,7 @@ class AnnotationSession:
         if self._prepared_key != key:
             self._prepared = predictor.prepare(input_stack(predictor.metadata, self.images,
                                                            self.source.path or self.case_id),
-                                               voxel_ml=float(np.prod(self.source.spacing)) / 1000)
+                                               voxel_ml=self.source.voxel_ml)
             self._prepared_key = key
         kwargs = dict(slices=slices, with_uncertainty=True, progress=progress, cancel=cancel)
         try:

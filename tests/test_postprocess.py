@@ -67,8 +67,7 @@ def test_the_engine_post_processes_whole_volumes_only(tiny_model, dataset_factor
     predictor = Predictor(loaded, "cpu", postprocess=strict)
     processed = predictor.predict_case(case).labels
     assert (raw == ENHANCING).any() and not (processed == ENHANCING).any()
-    voxel_ml = float(np.prod(case.spacing)) / 1000
-    assert np.array_equal(processed, strict.apply(raw, voxel_ml))
+    assert np.array_equal(processed, strict.apply(raw, case.source.voxel_ml))
     some = np.flatnonzero((raw == ENHANCING).any(axis=(1, 2)))[:3]
     part = predictor.predict(predictor.prepare_case(case), slices=some).labels
     assert np.array_equal(part[some], raw[some])
