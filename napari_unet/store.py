@@ -204,6 +204,31 @@ def read_corrections(case_dir_or_file: str | Path, source: CaseSource) -> Correc
     return _read_record(_committed_record(seg, record_path) if seg else record_path, source)
 
 
+def read_store_case(case_dir_or_file: str | Path, *, attempts: int = 5):
+    """A store case as training reads it: (Case with its labels, its Corrections or None), a pair.
+
+    The segmentation and its record are two files, and a save may commit while they are read: the
+    segmentation's hash before and after the read tells, and then the case is read again.
+    """
+    from napari_unet.cases import find_case, read_case
+
+    path = Path(case_dir_or_file)
+    for _ in range(attempts):
+        seg = find_case(path).seg
+        before = _sha256(seg) if seg is not None and seg.is_file() else None
+        case = read_case(path)
+        if before is None:
+            return case, read_corrections(path, case.source)
+        record = _committed_record(seg, corrections_path(path))
+        corrections = _read_record(record, case.source)
+        recorded = _recorded_sha256(record) if record.exists() else None
+        # A record without a hash (written by hand, or by another tool) is trusted.
+        if _sha256(seg) == before and recorded in (None, before):
+            return case, corrections
+    raise NapariUnetError(f"{path}: the case kept changing while it was read (is an annotator saving it?); "
+                          "try again")
+
+
 def _read_record(path: Path, source: CaseSource) -> Corrections | None:
     if not path.exists():
         return None

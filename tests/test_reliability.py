@@ -291,13 +291,12 @@ print("renames", calls[0])
 def _store_pairs(case, store):
     """(labels, reviewed) as the widget reads the store, and as training reads it."""
     from napari_unet.session import AnnotationSession
-    from napari_unet.store import read_corrections
+    from napari_unet.store import read_store_case
 
     session = AnnotationSession(case.source, case.images, store)
     widget = (session.open_labels(), session.reviewed)
-    stored = read_case(store / case.case_id)
-    training = (stored.labels, read_corrections(store / case.case_id, stored.source).reviewed)
-    return widget, training
+    stored, corrections = read_store_case(store / case.case_id)
+    return widget, (stored.labels, corrections.reviewed)
 
 
 @pytest.mark.parametrize("kill_at, expected", [(1, "before"), (2, "after"), (3, "after")])
@@ -340,6 +339,41 @@ def test_a_kill_while_saving_leaves_the_store_as_before_or_after(dataset_factory
     assert not [p for p in case_dir.iterdir() if p.name.startswith(".")]
     for labels, reviewed in _store_pairs(case, store):  # ... and keeps the pair it found
         assert np.array_equal(labels, want[0]) and reviewed == want[1]
+
+
+def test_training_never_pairs_labels_with_the_review_of_a_save_that_committed_while_it_read(
+        dataset_factory, tmp_path, monkeypatch):
+    """Training reads a store case's segmentation, then its record: an annotator's save landing
+    between the two reads must not give old labels with the new review (or the reverse)."""
+    import napari_unet.cases as cases
+    from napari_unet.session import AnnotationSession
+    from napari_unet.store import read_store_case
+
+    case = read_case(dataset_factory("brats2021", cases=1)[0])
+    store = tmp_path / "store"
+    tumour = np.flatnonzero(case.labels.reshape(case.labels.shape[0], -1).any(axis=1))
+    session = AnnotationSession(case.source, case.images, store)
+    session.open_labels()
+    session.reviewed = {int(tumour[0])}
+    session.save(session.snapshot(case.labels))
+    erased = case.labels.copy()
+    erased[tumour[1]] = 0
+
+    real_read_case, saves = cases.read_case, []
+
+    def read_then_someone_saves(path, **kwargs):
+        result = real_read_case(path, **kwargs)
+        if not saves:  # the annotator saves once, just after training read the labels
+            saves.append(1)
+            session.reviewed = {int(tumour[0]), int(tumour[1])}
+            session.save(session.snapshot(erased))
+        return result
+
+    monkeypatch.setattr(cases, "read_case", read_then_someone_saves)
+    stored, corrections = read_store_case(store / case.case_id)
+    assert saves, "the save did not happen during the read"
+    assert corrections.reviewed == {int(tumour[0]), int(tumour[1])}
+    assert np.array_equal(stored.labels, erased)  # the new review with its labels, read again
 
 
 def test_a_hand_written_or_hand_edited_store_is_trusted(dataset_factory, tmp_path):

@@ -24,7 +24,7 @@ from napari_unet import NapariUnetError
 from napari_unet.cases import Case, find_cases, read_case
 from napari_unet.modelfile import input_stack, modality_spec
 from napari_unet.preprocess import Normalisation, prepare
-from napari_unet.store import read_corrections
+from napari_unet.store import read_store_case
 
 
 @dataclass
@@ -101,8 +101,7 @@ def load_store(store, modalities, norm: Normalisation, progress: Callable | None
         raise NapariUnetError(f"{store}: the corrections store is empty")
     out = []
     for path in _progress_iter(find_cases(store), progress):
-        case = read_case(path)
-        corrections = read_corrections(path, case.source)
+        case, corrections = read_store_case(path)
         reviewed = None if corrections is None else sorted(corrections.reviewed)
         tc = train_case(case, modalities, norm, reviewed, required)
         if len(tc.trusted):
