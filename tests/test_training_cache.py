@@ -125,6 +125,34 @@ def test_nested_roots_several_roots_and_duplicates(root, tmp_path, capsys):
     assert "BraTS2021_09999: the same images as BraTS2021_00001; used once" in captured.err
 
 
+@pytest.mark.parametrize("csv_name, header, used", [
+    ("BraTS21-17_Mapping.csv", "BraTS2021,BraTS2020", {"BraTS2021_00001", "BraTS2021_00002"}),
+    ("name_mapping.csv", "Grade,BraTS_2017_subject_ID,BraTS_2020_subject_ID", None),  # 2017 ids: tells nothing
+])
+def test_a_mapping_csv_keeps_a_brats_2020_patient_also_in_2021_once(dataset_factory, tmp_path, csv_name, header,
+                                                                      used):
+    """BraTS 2021 re-released 2020's patients under new ids: a mapping with a 2020 and a 2021
+    column beside the data drops the 2020 copy, though its voxels differ (re-processed)."""
+    from training.cache import case_key, dataset_cases
+
+    r2020 = dataset_factory("brats2020", cases=2, seed=41)[0].parent
+    r2021 = dataset_factory("brats2021", cases=2, seed=42)[0].parent
+    ids2020 = sorted(case_key(p) for p in dataset_cases([r2020]))
+    first2020 = ids2020[0]
+    data2020 = tmp_path / "MICCAI_BraTS2020_TrainingData"
+    shutil.copytree(r2020, data2020)
+    if "2021" in header:
+        row = f"BraTS2021_00001,{first2020}\n"
+    else:
+        row = f"HGG,Brats17_CBICA_AAA_1,{first2020}\n"
+    (data2020 / csv_name).write_text(f"{header}\n{row}")
+    found = {case_key(p) for p in dataset_cases([data2020, r2021])}
+    expected = set(ids2020) | {"BraTS2021_00001", "BraTS2021_00002"}
+    if used is not None:
+        expected = (expected - {first2020}) | used
+    assert found == expected
+
+
 @pytest.mark.parametrize("damage, message", [("no labels", "segmentation"), ("NaN voxels", "NaN")])
 def test_a_case_without_labels_or_with_nan_voxels_is_skipped_with_a_message(root, tmp_path, capsys, damage,
                                                                             message):
