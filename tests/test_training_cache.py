@@ -234,3 +234,36 @@ def test_train_from_a_prepared_cache_alone(cached, tmp_path):
                  "--patch", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu", "--val-fraction", "0"]) == 0
     assert load_model(out).metadata["training"]["cases"] == 3
     assert main(["train", "--out", str(out), "--steps", "2"]) == 2  # neither data nor cache: a message
+
+
+def test_ctrl_c_stops_training_with_a_message_and_no_half_written_model(cached, tmp_path):
+    """Ctrl-C (SIGINT) during `train`: exit status 130, one line saying so, no traceback, and no
+    model file nor temporary file left where the model was to go."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cache, _ = cached
+    out = tmp_path / "model" / "m.safetensors"
+    out.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "napari_unet", "train", "--cache", str(cache), "--out", str(out),
+                             "--steps", "100000", "--batch-size", "2", "--patch", "32", "--base-channels", "4",
+                             "--depth", "2", "--device", "cpu", "--val-fraction", "0"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "step/s" not in seen and time.monotonic() < deadline:  # the progress bar runs
+        seen += proc.stderr.read(1)
+    assert "step/s" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    err = seen + rest
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == "napari-unet train: cancelled"
+    assert [p.name for p in out.parent.iterdir() if not p.name.endswith(".checkpoint.pt")] == []
+
