@@ -110,20 +110,44 @@ def test_modality_dropout_keeps_a_channel_and_hides_only_optional_ones():
     assert torch.equal(drop_modalities(x, 0.0, [0, 1], torch.Generator()), x)
 
 
+def _hidden_channel_share(monkeypatch) -> list:
+    """Records, for every training batch the network sees, the share of (sample, channel) pairs
+    that are blank: how many modalities the fine-tune hid."""
+    import torch
+
+    from napari_unet.unet import UNet
+
+    shares, forward = [], UNet.forward
+
+    def recording(self, x):
+        if self.training:
+            blank = x.detach().float().abs().amax(dim=(2, 3)) == 0
+            shares.append(float(blank.float().mean()))
+        return forward(self, x)
+
+    monkeypatch.setattr(UNet, "forward", recording)
+    return shares
+
+
 def test_finetuning_on_a_four_modality_case_keeps_the_model_working_on_two(
-        dropout_model, dataset_factory, two_modality_case, tmp_path):
+        dropout_model, dataset_factory, two_modality_case, tmp_path, monkeypatch):
     """The fine-tune hides modalities as the base model's training did, so corrections made on a
     full case do not teach it to lean on T1ce and T2 that other cases lack."""
     full = read_case(dataset_factory("brats2021", cases=2, seed=14, shape=TRAIN_SHAPE)[1])
     session, _, _ = _annotate(full, dropout_model, tmp_path / "store", lambda tumour: tumour[::2][:8])
+    hidden = _hidden_channel_share(monkeypatch)
     result = session.finetune(steps=40, device="cpu")
     assert load_model(result.path).metadata["training"]["modality_dropout"] == pytest.approx(0.4 / 3, abs=1e-3)
+    # T1, T1ce and T2 are optional and each hidden with chance 0.4 / 3: a tenth of the channels.
+    assert len(hidden) == 40 and 0.04 < np.mean(hidden) < 0.2, np.mean(hidden)
 
     # An explicit 0 is a choice, not "unset": the fine-tune then hides nothing.
     out = tmp_path / "no_dropout.safetensors"
+    hidden.clear()
     assert main(["finetune", str(tmp_path / "store"), "--model", str(dropout_model), "--out", str(out),
                  "--steps", "2", "--device", "cpu", "--modality-dropout", "0"]) == 0
     assert load_model(out).metadata["training"]["modality_dropout"] == 0.0
+    assert len(hidden) == 2 and max(hidden) == 0
 
     two = read_case(two_modality_case)
     before = Predictor(load_model(dropout_model), "cpu").predict_case(two).labels
