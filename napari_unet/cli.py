@@ -60,6 +60,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text) if text.replace(".", "", 1).isdigit() else -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, not {text}")
+    return value
+
+
 def _writable_from(path, candidates, what: str) -> None:
     """The nearest existing folder among `candidates` is where `path` will be made: it must be writable."""
     import os
@@ -367,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "model's labels on the store's unreviewed slices)")
     p.add_argument("--modality-dropout", type=_fraction,
                    help="chance of hiding each optional modality of a patch (default: a third of the base model's)")
+    p.add_argument("--blend", type=_share,
+                   help="share of the fine-tuned change kept in the new model: base + BLEND x (fine-tuned - base) "
+                        "(default 0.5, so other cases keep what the base model did; 1 keeps the whole change)")
     p.set_defaults(run=_cmd_finetune)
 
     p = sub.add_parser("annotate", help="open napari with the annotation widget and a case",

@@ -228,7 +228,7 @@ def test_finetuning_on_a_case_without_necrosis_keeps_proposing_necrosis_elsewher
 
     # A whole case (no unreviewed slices to self-replay) and a brisk learning rate: the corrections
     # would wipe necrosis out within 60 steps.
-    quick = dict(device="cpu", patch=64, steps=60, early_stop_patience=0, lr=1e-3)
+    quick = dict(device="cpu", patch=64, steps=60, early_stop_patience=0, lr=1e-3, blend=1.0)
     with_bank = finetune(tmp_path / "store", base, tmp_path / "bank.safetensors",
                          settings=FINETUNE.updated(**quick), bank=bank).path
     without = finetune(tmp_path / "store", base, tmp_path / "plain.safetensors",
@@ -285,3 +285,32 @@ def test_finetuning_keeps_the_base_models_batchnorm_statistics_and_takes_replay_
     assert any(not torch.equal(base[k], new[k]) for k in base if k.endswith(".weight"))  # it did learn
     meta = load_model(out).metadata["training"]
     assert meta["replay"] == str(replay_root) and meta["bank"] is None  # the tiny model has no bank
+
+
+def test_blend_writes_weights_that_share_the_change_between_base_and_fine_tune(tiny_model, dataset_factory,
+                                                                                tmp_path, capsys):
+    """--blend 0.5 writes base + 0.5 x (fine-tuned - base): the same run's change, halved."""
+    from training.loop import FINETUNE
+
+    base, _ = tiny_model
+    store = tmp_path / "store"
+    shutil.copytree(dataset_factory("brats2021", cases=1, seed=15, shape=TRAIN_SHAPE)[0],
+                    store / "BraTS2021_00001")
+    quick = dict(device="cpu", patch=64, steps=4, early_stop_patience=0, lr=1e-3)
+    full = finetune(store, base, tmp_path / "full.safetensors", settings=FINETUNE.updated(**quick, blend=1.0)).path
+    half = finetune(store, base, tmp_path / "half.safetensors", settings=FINETUNE.updated(**quick)).path
+    assert load_model(half).metadata["training"]["blend"] == 0.5  # the default
+    start, end, mid = (load_model(p).model.state_dict() for p in (base, full, half))
+    moved = 0
+    for name, value in mid.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, start[name] + 0.5 * (end[name] - start[name]), atol=1e-5), name
+            moved += int(not torch.equal(end[name], start[name]))
+    assert moved > 10  # the fine-tune changed the weights: the test compares something
+    assert main(["finetune", str(store), "--model", str(base), "--out", str(tmp_path / "cli.safetensors"),
+                 "--steps", "1", "--device", "cpu", "--blend", "1"]) == 0
+    assert load_model(tmp_path / "cli.safetensors").metadata["training"]["blend"] == 1.0
+    with pytest.raises(SystemExit):  # nothing of the fine-tune kept: refused by the parser
+        main(["finetune", str(store), "--model", str(base), "--out", str(tmp_path / "x.safetensors"), "--blend", "0"])
+    assert "--blend: must be above 0 and at most 1, not 0" in capsys.readouterr().err
+

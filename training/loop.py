@@ -48,6 +48,9 @@ class Settings:
     replay_fraction: float = 0.0  # share of each batch from earlier data (--replay DATA, or self-replay)
     bank_fraction: float = 0.0  # share of each batch from the synthetic replay bank (training.replay)
     anchor: float = 0.0  # L2-SP: pull of every weight towards its starting value (fine-tuning)
+    # The model written is start + blend * (trained - start): weight-space ensembling of the base
+    # and the fine-tuned model (WiSE-FT, Wortsman et al. 2022). 1 writes the trained weights.
+    blend: float = 1.0
     augment: bool = True
     tumour_fraction: float = 0.5  # share of patches centred on tumour
     workers: int = 0  # DataLoader worker processes making patches (0: in the training process)
@@ -232,6 +235,11 @@ def run(
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     # L2-SP (Li et al. 2018): the starting weights as the prior, not zero.
     start_weights = [p.detach().clone() for p in model.parameters()] if s.anchor > 0 else []
+    if not 0 < s.blend <= 1:
+        raise NapariUnetError(f"blend must be in (0, 1], not {s.blend}")
+    if s.blend < 1 and val_cases:
+        raise NapariUnetError("blend is for fine-tuning, which keeps no validation cases")
+    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.blend < 1 else {}
     amp_dtype = autocast_dtype(device, s.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -341,6 +349,11 @@ def run(
             break
     del batches
     model.eval()
+    if start_state:
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if value.is_floating_point():
+                    value.copy_(start_state[name] + s.blend * (value - start_state[name]))
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise NapariUnetError("training produced non-finite weights; no model was written")
     written, final_val = None, None
@@ -475,7 +488,7 @@ def self_replay(loaded: LoadedModel, cases: list[TrainCase], device: str = "cpu"
 # corrections, a quarter the base model's labels elsewhere in the corrected cases, a quarter the
 # synthetic bank (so what the base model knew about other cases stays; see training.replay).
 FINETUNE = Settings(steps=60, batch_size=8, patch=128, lr=3e-4, warmup=5, early_stop_patience=25,
-                    replay_fraction=0.25, bank_fraction=0.25, freeze_batchnorm=True)
+                    replay_fraction=0.25, bank_fraction=0.25, freeze_batchnorm=True, blend=0.5)
 
 
 def finetune(
@@ -538,6 +551,7 @@ def finetune(
         "bank": replay_bank.provenance if replay_bank is not None else None,
         "bank_fraction": settings.bank_fraction,
         "anchor": settings.anchor,
+        "blend": settings.blend,
     }
     return run(loaded.model, metadata, cases, settings, out=out, replay_cases=replay_cases, bank=replay_bank,
                checkpoints=False, progress=progress, cancel=cancel, log=log)
