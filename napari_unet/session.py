@@ -56,6 +56,9 @@ class AnnotationSession:
         self.slice_scores: np.ndarray | None = None
         self.proposal_model: str | None = None  # the model that made the labels' proposals
         self._shadow: np.ndarray | None = None  # the labels as last seen, to find edits
+        # Per edited slice: its labels before the first edit and whether it was reviewed then, so
+        # that undoing the edit undoes what the edit decided.
+        self._before_edit: dict[int, tuple[np.ndarray, bool]] = {}
         self._predictor = self._predictor_key = None
         self._prepared = self._prepared_key = None
         self._lock = threading.Lock()  # the predictor is built on a worker thread
@@ -100,9 +103,12 @@ class AnnotationSession:
     def track(self, labels: np.ndarray) -> None:
         """Take `labels` as they are now as the reference for finding edits."""
         self._shadow = np.array(labels, np.uint8, copy=True)
+        self._before_edit = {}
 
     def collect_edits(self, labels: np.ndarray) -> tuple[list[int], str | None]:
-        """The slices the user changed since the last look, marked edited and reviewed.
+        """The slices the user changed since the last look, marked edited and reviewed; a slice
+        brought back to what it was before its first edit (undo) is no longer edited, nor reviewed
+        unless it was before.
 
         Label values other than the three tissues are fixed in place: 4 (enhancing in BraTS
         2017-2021 files) becomes 3, anything else is undone. Returns (slices, a note to show).
@@ -125,6 +131,15 @@ class AnnotationSession:
                         f"only labels 1-3 ({', '.join(LABEL_NAMES[v] for v in (1, 2, 3))}) are tumour: "
                         "other values were undone")
         for z in changed.tolist():
+            before = self._before_edit.get(z)
+            if before is None:
+                self._before_edit[z] = (self._shadow[z].copy(), z in self.reviewed)
+            elif np.array_equal(data[z], before[0]):
+                del self._before_edit[z]
+                self.edited.discard(z)
+                if not before[1]:
+                    self.reviewed.discard(z)
+                continue
             self.edited.add(z)
             self.reviewed.add(z)  # an edited slice has been looked at
         self._shadow[changed] = data[changed]
@@ -155,9 +170,12 @@ class AnnotationSession:
         z = int(z)
         if reviewed:
             self.reviewed.add(z)
+            if z in self._before_edit:  # marked by hand: undoing its edits leaves it reviewed
+                self._before_edit[z] = (self._before_edit[z][0], True)
         else:
             self.reviewed.discard(z)
             self.edited.discard(z)
+            self._before_edit.pop(z, None)
 
     def next_to_review(self, current: int | None = None) -> int | None:
         """The unreviewed slice where the model is least sure; asked again from that slice,

@@ -445,3 +445,29 @@ def test_a_reader_chosen_in_the_preferences_is_kept(make_napari_viewer):
         assert plugins.extension2reader == {"*.nii.gz": "napari", "*.nii": "napari-unet"}
     finally:
         plugins.extension2reader = before
+
+
+# --------------------------------------------------------------------------- the annotator's window
+
+
+def test_undoing_a_stroke_unreviews_its_slice(annotator, tmp_path, qtbot, press, case_a):
+    viewer, widget = annotator
+    layer = widget.annotation_layer
+    z = 30
+    widget.go_to_slice(z)
+    press(viewer, "2", modifier=Qt.AltModifier)  # paint edema
+    before = np.array(layer.data[z])
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.mouseClick(canvas, Qt.LeftButton, pos=canvas.rect().center())  # a dab of the brush
+    assert (np.asarray(layer.data[z]) != before).any()
+    qtbot.waitUntil(lambda: widget.reviewed_list.count() == 1, timeout=WAIT)
+    assert "slice 30: reviewed" in widget.slice_label.text()
+    case_dir = tmp_path / "store" / case_a.name
+    _wait_saved(qtbot, case_dir, lambda r, labels: r["edited_slices"] == [z])
+
+    press(viewer, "Z", modifier=Qt.ControlModifier)  # undo
+    np.testing.assert_array_equal(layer.data[z], before)
+    qtbot.waitUntil(lambda: widget.reviewed_list.count() == 0, timeout=WAIT)
+    assert "slice 30: not reviewed" in widget.slice_label.text()
+    assert widget.reviewed_btn.text().startswith("Mark reviewed")
+    _wait_saved(qtbot, case_dir, lambda r, labels: r["reviewed_slices"] == [] and r["edited_slices"] == [])
