@@ -16,6 +16,7 @@ class TaskRunner:
         self.message, self.error, self.on_info = message, error, on_info
         self.cancel_event = threading.Event()
         self.worker = None
+        self._connected: list[tuple] = []  # (signal, slot) of the running task
         self.what = ""
         self.napari_bar = None
 
@@ -54,9 +55,10 @@ class TaskRunner:
         self.what = what
         self.napari_bar = napari_progress(total=0, desc=what) if napari_bar else None
         worker = create_worker(guarded)
-        worker.returned.connect(returned)
-        worker.errored.connect(self.on_error)
-        worker.finished.connect(lambda: self.finish(worker))
+        self._connected = [(worker.returned, returned), (worker.errored, self.on_error),
+                           (worker.finished, lambda: self.finish(worker))]
+        for signal, slot in self._connected:
+            signal.connect(slot)
         self.worker = worker
         self.cancel_btn.setEnabled(True)
         self.progress_bar.setFormat(f"{what} %p%")
@@ -87,6 +89,21 @@ class TaskRunner:
         self.cancel_btn.setEnabled(False)
         self.progress_bar.setFormat("")
         self.progress_bar.setValue(0)
+        if self.napari_bar is not None:
+            self.napari_bar.close()
+            self.napari_bar = None
+
+    def abandon(self) -> None:
+        """The widget is going: cancel the task and let its outcome go nowhere."""
+        self.cancel_event.set()
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            for signal, slot in self._connected:  # (napari's own connections stay)
+                try:
+                    signal.disconnect(slot)
+                except (RuntimeError, TypeError):
+                    pass
+            worker.quit()
         if self.napari_bar is not None:
             self.napari_bar.close()
             self.napari_bar = None

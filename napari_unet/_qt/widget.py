@@ -12,11 +12,12 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QWidget
 
 from napari_unet import NapariUnetError
@@ -36,7 +37,7 @@ class _Bridge(QObject):
     """Carries progress and messages from worker threads to the GUI thread (queued signals)."""
 
     progress = Signal(int, int, object)
-    saved = Signal(str, bool)  # text, is_error
+    saved = Signal(str, bool, object)  # text, is_error, the session saved
     failed = Signal(str)  # a background task that nobody waits on went wrong
 
 
@@ -49,10 +50,10 @@ def _display_ready(result):
     return prediction, warning
 
 
-def _emit(signal, *args) -> None:
+def _emit(bridge: _Bridge, signal: str, *args) -> None:
     """Emit from a worker thread; after the widget is gone there is no one to tell."""
     try:
-        signal.emit(*args)
+        getattr(bridge, signal).emit(*args)
     except RuntimeError:
         pass
 
@@ -72,6 +73,11 @@ def _case_key(source) -> tuple[str, str]:
     return source.case_id, source.path
 
 
+def _unwrapped(obj):
+    """The napari object behind the proxy that napari hands plugin widgets."""
+    return getattr(obj, "__wrapped__", obj)
+
+
 class AnnotationWidget(QWidget):
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
@@ -82,6 +88,9 @@ class AnnotationWidget(QWidget):
         self._seen: set = set()  # the cases open at the last look, to tell a newly opened one
         self._warming: Future | None = None
         self._review_next_at: int | None = None  # the slice Review next last went to
+        self._released = False
+        self._docked = False
+        self._watched = weakref.WeakSet()  # the layers whose visibility is followed
         self._bridge = _Bridge(self)  # a child: destroyed with the widget, so late signals go nowhere
         self._bridge.saved.connect(self._on_saved)
         self._bridge.failed.connect(self._error)
@@ -98,9 +107,10 @@ class AnnotationWidget(QWidget):
         self.tasks = TaskRunner(self.progress_bar, self.cancel_btn, self._message, self._error,
                                 lambda info: self.loss_plot.add(info["loss"]) if "loss" in info else None)
         self._bridge.progress.connect(self.tasks.on_progress)
-        self._connections: list[tuple] = []  # (emitter, callback), disconnected on teardown
-        self._release = functools.partial(_release, self.viewer, self._connections, self._saver, self._warmer,
-                                          self.tasks.cancel_event)
+        self._connections: list[tuple] = []  # (emitter, callback, its layer or None), disconnected on teardown
+        self._key_handlers: list[tuple] = []  # (key, handler) bound on the viewer
+        self._release = functools.partial(_release, self.viewer, self._connections, self._key_handlers,
+                                          self._saver, self._warmer, self.tasks.cancel_event)
         self.destroyed.connect(self._release)
         # Deferred: a reader adds several layers in a row; attach once they are all in.
         self._connect(self.viewer.layers.events.inserted, self._schedule_attach)
@@ -110,6 +120,7 @@ class AnnotationWidget(QWidget):
             handler = (lambda v, a=action: getattr(self, a)()) if isinstance(action, str) \
                 else (lambda v, a=action: self.select_label(a))
             self.viewer.bind_key(key, handler, overwrite=True)
+            self._key_handlers.append((key, handler))
         _prefer_our_reader_for_nifti()
         self._attach()
 
@@ -129,9 +140,16 @@ class AnnotationWidget(QWidget):
         layer = self._annotation
         return layer if layer is not None and layer in self.viewer.layers else None
 
-    def _connect(self, emitter, callback) -> None:
+    def _connect(self, emitter, callback, layer=None) -> None:
         emitter.connect(callback)
-        self._connections.append((emitter, callback))
+        self._connections.append((emitter, callback, _unwrapped(layer) if layer is not None else None))
+
+    def _forget_removed_layers(self) -> None:
+        """A connection to a layer no longer in the viewer would keep its data alive."""
+        present = {id(_unwrapped(layer)) for layer in self.viewer.layers}
+        for entry in [c for c in self._connections if c[2] is not None and id(c[2]) not in present]:
+            self._connections.remove(entry)
+            _disconnect(*entry[:2])
 
     def _edits_maybe(self, event=None) -> None:
         self._edit_timer.start()
@@ -140,21 +158,83 @@ class AnnotationWidget(QWidget):
         QTimer.singleShot(0, self._attach)
 
     def _attach(self) -> None:
-        """Follow the viewer: start a session for a newly opened case, end it when its layers go."""
+        """Follow the viewer: the case opened last, or opened again, is annotated; when its images
+        are closed, a case still open takes over."""
+        if self._released:
+            return
+        reopened = self._drop_duplicates()
+        self._forget_removed_layers()
         cases = self._open_cases()
+        self._follow_visibility()
         current = _case_key(self.session.source) if self.session is not None else None
         new = [key for key in cases if key not in self._seen]  # opened since the last look
         self._seen = set(cases)
         if new:
-            if self.session is not None:
-                self._end_session(hide=current in cases)
-            self._start_session(cases[new[-1]])
+            target = new[-1]
+        elif reopened:
+            target = reopened[-1]
         elif current is not None and current not in cases:
-            self._end_session(hide=False)  # the user closed the case's images
+            target = next(reversed(cases), None)  # the topmost case still open, if any
+        else:
+            target = current
+        if target != current:
+            self._switch(cases, target)
         elif current is not None and self.annotation_layer is None:
             self._start_session(cases[current])  # the annotation layer was removed: bring back what was saved
+        elif reopened:
+            self._bring_to_top()
 
-    def _start_session(self, image_layers: dict) -> None:
+    def _switch(self, cases: dict, target) -> None:
+        """Leave the current case (saved; its layers hidden if another case takes over) for `target`."""
+        left = self.session
+        if left is not None:
+            self._end_session(hide=target is not None)
+        if target is not None:
+            self._start_session(cases[target], left=left.case_id if left is not None else None)
+        elif left is not None:
+            self._message(f"{left.case_id} closed; its corrections are in {left.case_path}")
+
+    def _drop_duplicates(self) -> list[tuple]:
+        """A case opened again while its layers are still here (maybe hidden) adds a second copy of
+        each; remove the copies and return the keys of the cases opened again."""
+        kept, reopened = set(), []
+        for layer in list(self.viewer.layers):
+            meta = layer.metadata.get(META_KEY, {})
+            source = source_of(layer.metadata)
+            if source is None or meta.get("role") not in ("image", "labels"):
+                continue
+            what = (_case_key(source), meta["role"], meta.get("modality"))
+            if what in kept:
+                self.viewer.layers.remove(layer)
+                if what[0] not in reopened:
+                    reopened.append(what[0])
+            else:
+                kept.add(what)
+        return reopened
+
+    def _follow_visibility(self) -> None:
+        for layer in self.viewer.layers:
+            real = _unwrapped(layer)
+            if real not in self._watched and source_of(layer.metadata) is not None:
+                self._watched.add(real)
+                self._connect(layer.events.visible, self._visibility_changed, layer)
+
+    def _visibility_changed(self, event) -> None:
+        """Showing a layer of another open case makes that case the one annotated. (The widget
+        itself only ever shows the current case's layers.)"""
+        layer = event.source
+        source = source_of(layer.metadata)
+        if layer.visible and self.session is not None and source is not None and not self.session.owns(source):
+            QTimer.singleShot(0, functools.partial(self._show_case, _case_key(source)))
+
+    def _show_case(self, key) -> None:
+        if self._released:
+            return
+        cases = self._open_cases()
+        if key in cases and (self.session is None or _case_key(self.session.source) != key):
+            self._switch(cases, key)
+
+    def _start_session(self, image_layers: dict, left: str | None = None) -> None:
         from napari_unet.session import AnnotationSession
 
         source = source_of(next(iter(image_layers.values())).metadata)
@@ -170,21 +250,23 @@ class AnnotationWidget(QWidget):
             return
         self.session = session
         self._review_next_at = None
-        for layer in image_layers.values():
-            layer.visible = layer.metadata[META_KEY]["modality"] in ("flair", "image")
+        if not any(layer.visible for layer in image_layers.values()):  # else the contrast the user chose
+            shown = image_layers.get("flair") or image_layers.get("image") or next(reversed(image_layers.values()))
+            shown.visible = True
         self._show_annotation(labels)
         if session.model_path is not None:
             self.set_model(session.model_path)
         if session.reviewed:
-            self._message(f"{session.case_id}: restored {len(session.reviewed)} reviewed slice(s) "
-                          f"from {session.case_path}")
+            text = f"{session.case_id}: restored {len(session.reviewed)} reviewed slice(s) from {session.case_path}"
         else:
-            self._message(f"{session.case_id}: ready; corrections go to {session.case_path}")
+            text = f"{session.case_id}: ready; corrections go to {session.case_path}"
+        self._message(text + (f" ({left} was saved and hidden)" if left else ""))
         self._refresh_review_list()
         self._warm_up()
 
     def _end_session(self, hide: bool) -> None:
-        """Save the case being left (waiting for it), and hide its layers if they stay open."""
+        """Save the case being left (waiting for it); its annotation, no longer followed, becomes
+        read-only, and with `hide` all its layers are hidden."""
         session, layer = self.session, self.annotation_layer
         self._save_timer.stop()
         if layer is not None:
@@ -195,14 +277,14 @@ class AnnotationWidget(QWidget):
                 self._pending_save.result()
             except (NapariUnetError, OSError):
                 pass  # already reported
+        if layer is not None:
+            layer.editable = False  # edits to a case no longer tracked would be lost
         if hide:
             for other in self.viewer.layers:
                 if session.owns(source_of(other.metadata)):
                     other.visible = False
-            if layer is not None:
-                layer.editable = False  # edits to a case no longer tracked would be lost
-            self._message(f"now annotating the newly opened case; {session.case_id} was saved and hidden")
         self.session = self._annotation = None
+        self._review_next_at = None
         self._refresh_review_list()
 
     def _show_annotation(self, labels: np.ndarray) -> None:
@@ -217,8 +299,8 @@ class AnnotationWidget(QWidget):
         self.session.track(layer.data)
         # Strokes, undo/redo and `data[...] = ...; refresh()` all end in one of these.
         for event in (layer.events.paint, layer.events.set_data, layer.events.data):
-            self._connect(event, self._edits_maybe)
-        self._connect(layer.events.selected_label, lambda e: self._check_label(layer))
+            self._connect(event, self._edits_maybe, layer)
+        self._connect(layer.events.selected_label, lambda e: self._check_label(layer), layer)
         self._annotation = layer
         for other in self.viewer.layers:  # a reference segmentation would hide what is edited
             if other is not layer and self.session.owns(source_of(other.metadata)) \
@@ -267,7 +349,7 @@ class AnnotationWidget(QWidget):
                 return
             err = future.exception()
             text = str(err) if isinstance(err, NapariUnetError) else f"{type(err).__name__}: {err}"
-            _emit(bridge.failed, f"the model could not be loaded: {text}")
+            _emit(bridge, "failed", f"the model could not be loaded: {text}")
 
         self._warming = self._warmer.submit(load)
         self._warming.add_done_callback(report)
@@ -341,6 +423,8 @@ class AnnotationWidget(QWidget):
         prediction, warning = result
         layer = self.annotation_layer
         taken = session.merge_proposal(layer.data, prediction)  # in place: no new array for napari
+        if len(prediction.computed_slices) > 1:
+            self._review_next_at = None  # a new ranking: Review next starts again from its top
         layer.refresh()
         uncertainty = self._uncertainty_layer()
         uncertainty.data[prediction.computed_slices] = prediction.uncertainty[prediction.computed_slices]
@@ -464,9 +548,9 @@ class AnnotationWidget(QWidget):
             try:
                 path = session.save(snapshot)
             except (NapariUnetError, OSError) as err:
-                _emit(bridge.saved, f"could not save the corrections of {session.case_id}: {err}", True)
+                _emit(bridge, "saved", f"could not save the corrections of {session.case_id}: {err}", True, session)
                 raise
-            _emit(bridge.saved, f"saved {_dt.datetime.now():%H:%M:%S} to {path}", False)
+            _emit(bridge, "saved", f"saved {_dt.datetime.now():%H:%M:%S} to {path}", False, session)
             return path
 
         self._pending_save = self._saver.submit(write)
@@ -508,10 +592,11 @@ class AnnotationWidget(QWidget):
         self.tasks.cancel()
 
     # ------------------------------------------------------------------ messages
-    def _on_saved(self, text: str, is_error: bool) -> None:
-        self.save_label.setText(text)
+    def _on_saved(self, text: str, is_error: bool, session) -> None:
         if is_error:
             self._error(text)
+        elif session is self.session:  # a case left meanwhile: its save is no news about this one
+            self.save_label.setText(text)
 
     def _message(self, text: str) -> None:
         self.status.setText(text)
@@ -528,34 +613,60 @@ class AnnotationWidget(QWidget):
         show_warning(text)
 
     # ------------------------------------------------------------------ teardown
+    def event(self, event) -> bool:
+        # napari's [x] on the dock takes the widget out of it (setParent(None)) without closing or
+        # deleting it: left alive, it would go on following the viewer's layers, against the
+        # widget docked next from the Plugins menu.
+        if event.type() == QEvent.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked and not self._released:
+                self._teardown()
+                self.deleteLater()
+        return super().event(event)
+
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
-        """Save what is not saved yet, then release every event, key and thread the widget took."""
+        self._teardown()
+        super().closeEvent(event)
+
+    def _teardown(self) -> None:
+        """Save what is not saved yet, then release every event, key, thread and case the widget took."""
+        if self._released:
+            return
+        self._released = True
         self._save_timer.stop()
         self._edit_timer.stop()
         if self.session is not None and self.annotation_layer is not None:
             self._collect_edits()
             self.save()
-        if self.tasks.worker is not None:
-            self.tasks.worker.quit()
+        self.tasks.abandon()
         self._release()
-        super().closeEvent(event)
+        self.session = self._annotation = None
 
 
-def _release(viewer, connections: list, saver: ThreadPoolExecutor, warmer: ThreadPoolExecutor,
-             cancel: threading.Event) -> None:
+def _disconnect(emitter, callback) -> None:
+    try:
+        emitter.disconnect(callback)
+    except (RuntimeError, TypeError, ValueError):
+        pass  # its layer is already gone
+
+
+def _release(viewer, connections: list, key_handlers: list, saver: ThreadPoolExecutor,
+             warmer: ThreadPoolExecutor, cancel: threading.Event) -> None:
     """Undo what the widget connected. A plain function: it also runs from `destroyed`, when
     napari deletes the widget with its window without closing it first."""
+    from napari.utils.key_bindings import coerce_keybinding
+
     cancel.set()
     while connections:
-        emitter, callback = connections.pop()
+        _disconnect(*connections.pop()[:2])
+    while key_handlers:
+        key, handler = key_handlers.pop()
         try:
-            emitter.disconnect(callback)
-        except (RuntimeError, TypeError, ValueError):
-            pass  # its layer is already gone
-    for key in _KEYS:
-        try:
-            viewer.bind_key(key, None)
-        except (KeyError, ValueError):
+            # Only while the key is still ours: a widget docked since may have bound it anew.
+            if _unwrapped(viewer.keymap.get(coerce_keybinding(key))) is handler:
+                viewer.bind_key(key, None)
+        except (KeyError, ValueError, RuntimeError):
             pass
     warmer.shutdown(wait=False, cancel_futures=True)  # nothing needs the model any more
     saver.shutdown(wait=True)  # the last save finishes

@@ -450,6 +450,119 @@ def test_a_reader_chosen_in_the_preferences_is_kept(make_napari_viewer):
 # --------------------------------------------------------------------------- the annotator's window
 
 
+def _dock_of(widget):
+    """The napari dock around the widget (its title bar holds the [x])."""
+    return widget.parent()
+
+
+def _ranking(widget) -> list[int]:
+    scores = np.asarray(widget.session.slice_scores, float)
+    return [int(z) for z in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable") if not np.isnan(scores[z])]
+
+
+def _case_layers(viewer, case_id: str, role: str | None = None) -> list:
+    from napari_unet.layers import META_KEY, source_of
+
+    return [layer for layer in viewer.layers if (source_of(layer.metadata) or None) is not None
+            and source_of(layer.metadata).case_id == case_id
+            and (role is None or layer.metadata[META_KEY]["role"] == role)]
+
+
+def test_closing_the_dock_and_docking_again_leaves_one_widget_at_work(make_napari_viewer, case_a, tmp_path, qtbot,
+                                                                      wait_idle, dock_from_plugins_menu):
+    import shutil
+
+    case = shutil.copytree(case_a, tmp_path / "data" / case_a.name)  # (its default store is then in tmp_path)
+    viewer = make_napari_viewer(show=True)
+    viewer.open(case, plugin="napari-unet")
+    widget = dock_from_plugins_menu(viewer)
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    z, y, x = 25, 40, 40
+    widget.go_to_slice(z)
+    widget.annotation_layer.paint((z, y, x), EDEMA, refresh=True)  # a stroke, not saved yet
+
+    _dock_of(widget).title.close_button.click()  # the dock's [x]
+    again = dock_from_plugins_menu(viewer)
+    assert again is not widget
+    qtbot.waitUntil(lambda: again.annotation_layer is not None, timeout=WAIT)
+    changes = []
+    viewer.layers.events.inserted.connect(changes.append)
+    viewer.layers.events.removed.connect(changes.append)
+    qtbot.wait(1000)
+    assert not changes, "the closed widget and the new one remove and re-add the annotation layer"
+
+    again.propose_volume_btn.click()
+    wait_idle(again)
+    qtbot.wait(500)
+    assert not changes
+    annotations = [layer for layer in viewer.layers if layer.name.endswith("annotation")]
+    assert [layer.name for layer in annotations] == [again.annotation_layer.name]
+    layer = again.annotation_layer
+    assert layer.data[z, y, x] == EDEMA  # saved when the dock closed, and kept by the proposal
+    assert np.asarray(layer.data).any(axis=(1, 2)).sum() > 1 and "proposed" in again.status.text()
+    assert widget.session is None  # the closed widget holds no case
+    assert again.reviewed_list.count() == 1
+
+
+def test_review_next_starts_at_the_top_of_each_new_ranking(annotator, wait_idle, press):
+    viewer, widget = annotator
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    ranking = _ranking(widget)
+    viewer.dims.set_current_step(0, ranking[7])  # the slider on a slice well down the ranking
+    press(viewer, "N")
+    assert widget.current_slice() == ranking[0]
+    assert "the most among unreviewed slices" in widget.status.text()
+    press(viewer, "N")
+    assert widget.current_slice() == ranking[1]
+
+    # A new proposal ranks the slices anew: Review next begins again from the top.
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    press(viewer, "N")
+    assert widget.current_slice() == _ranking(widget)[0]
+
+
+def test_an_earlier_case_comes_back_when_opened_or_shown_again_and_when_the_later_one_closes(
+        annotator, case_a, case_b, qtbot, wait_idle):
+    from napari_unet.layers import META_KEY
+
+    viewer, widget = annotator
+    a, b = case_a.name, case_b.name
+    z, y, x = 25, 40, 40
+    widget.annotation_layer.paint((z, y, x), EDEMA, refresh=True)
+    viewer.open(case_b, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.session is not None and widget.session.case_id == b, timeout=WAIT)
+
+    # A opened again with File > Open: no second copy of its layers, and A is annotated again.
+    viewer.open(case_a, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.session is not None and widget.session.case_id == a, timeout=WAIT)
+    qtbot.wait(50)
+    assert sorted(layer.metadata[META_KEY]["modality"] for layer in _case_layers(viewer, a, "image")) == \
+        ["flair", "t1", "t1ce", "t2"]
+    assert len(_case_layers(viewer, a, "labels")) == 1
+    layer = widget.annotation_layer
+    # (the Plugins menu hands the widget a proxy of the viewer: compare layers by name)
+    assert viewer.layers[-1].name == viewer.layers.selection.active.name == layer.name and layer.editable
+    assert layer.data[z, y, x] == EDEMA  # A's stroke
+    assert viewer.layers["FLAIR"].visible and not any(l.visible for l in _case_layers(viewer, b))
+
+    # B's T1CE shown with its eye: B is annotated, with the contrast chosen.
+    b_t1ce = next(l for l in _case_layers(viewer, b, "image") if l.metadata[META_KEY]["modality"] == "t1ce")
+    b_t1ce.visible = True
+    qtbot.waitUntil(lambda: widget.session is not None and widget.session.case_id == b, timeout=WAIT)
+    assert b_t1ce.visible and viewer.layers[-1].name == widget.annotation_layer.name == f"{b} annotation"
+    assert not any(l.visible for l in _case_layers(viewer, a))
+
+    # B's layers closed: A, still open, takes over rather than "no case open" over a black canvas.
+    viewer.layers.selection = set(_case_layers(viewer, b))
+    viewer.layers.remove_selected()
+    qtbot.waitUntil(lambda: widget.session is not None and widget.session.case_id == a, timeout=WAIT)
+    assert viewer.layers["FLAIR"].visible and widget.annotation_layer.visible and widget.annotation_layer.editable
+    assert widget.annotation_layer.data[z, y, x] == EDEMA
+    assert a in widget.slice_label.text()
+
+
 def test_undoing_a_stroke_unreviews_its_slice(annotator, tmp_path, qtbot, press, case_a):
     viewer, widget = annotator
     layer = widget.annotation_layer
