@@ -109,3 +109,15 @@ def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
 def napari_features() -> dict[str, list]:
     """The Labels layer's feature table: hovering a voxel shows its name."""
     return {"index": list(LABEL_NAMES), "name": list(LABEL_NAMES.values())}
+
+
+# The volumes a case reports, in this order: each tissue, then each BraTS region.
+VOLUME_KEYS: tuple[str, ...] = (*(LABEL_NAMES[v] for v in (NECROTIC, EDEMA, ENHANCING)), *REGIONS)
+
+
+def volumes_ml(labels: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    """Millilitres of each tissue and each BraTS region in canonical labels (`VOLUME_KEYS`)."""
+    counts = np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=ENHANCING + 1)
+    volumes = {LABEL_NAMES[v]: int(counts[v]) * voxel_ml for v in (NECROTIC, EDEMA, ENHANCING)}
+    volumes |= {name: sum(int(counts[v]) for v in values) * voxel_ml for name, values in REGIONS.items()}
+    return volumes

@@ -5,13 +5,23 @@ A store is a folder of cases in their own layout and label convention, each with
 
     STORE/BraTS2021_00001/BraTS2021_00001_{t1,t1ce,t2,flair,seg}.nii.gz
     STORE/BraTS2021_00001/corrections.json
-        {"reviewed_slices": [...], "edited_slices": [...], "axis": ..., "model": ..., "saved": ...}
+        {"reviewed_slices": [...], "edited_slices": [...], "done": false, "axis": ..., "model": ...,
+         "volumes_ml": {...}, "saved": ...}
 
 Slice index: a slice is numbered along the file's voxel axis that runs closest to the head's
 superior-inferior axis, counting in the file's own voxel order (for BraTS files: the third
 voxel axis). That holds for any orientation; `CaseSource` converts it to and from the axial
 index of the display. Tools other than napari (ITK-SNAP, 3D Slicer) can write the same store:
 only `reviewed_slices` is required.
+
+`done: true` says every slice of the case is reviewed, whatever `reviewed_slices` lists (those
+are kept, so that unmarking the case gives back the review as it was). `volumes_ml` holds the
+saved labels' volume per tissue and BraTS region (`labels.VOLUME_KEYS`), so that a dataset is
+listed from its corrections.json files alone, without reading an image; records written before
+it existed have none, and their volumes are unknown until the case is saved again.
+
+`case_uncertainty.json` at the store's top caches the case-level uncertainty of cases not yet
+annotated, per model file (by its SHA-256, so a fine-tuned model's scores are its own).
 
 A save is one step as every reader sees it. The segmentation and its corrections.json cannot be
 renamed into place together, so the new corrections.json is first written under a hidden
@@ -37,8 +47,9 @@ from pathlib import Path
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.atomic import atomic_path, partial_path, partials_of, remove_stale_partials
+from napari_unet.atomic import atomic_path, partial_path, partials_of, remove_stale_partials, write_text
 from napari_unet.cases import CaseSource, labels_to_nifti, layout_paths, read_labels, write_case_files
+from napari_unet.labels import VOLUME_KEYS, volumes_ml
 
 CORRECTIONS_FILE = "corrections.json"
 # The `model` a corrections.json records for proposals of the model shipped with the package
@@ -47,6 +58,11 @@ SHIPPED_MODEL_NAME = "default"
 AXIS = "the file's voxel axis nearest to superior-inferior, in file voxel order"
 # A corrections.json is a few kB; anything far larger is not one (and would be slow to parse).
 MAX_CORRECTIONS_BYTES = 4 * 2**20
+SCORES_FILE = "case_uncertainty.json"
+# The store a case's annotation goes to unless one is chosen: this folder beside the case.
+DEFAULT_STORE_NAME = "napari-unet-corrections"
+# Scores of this many model files are kept; older ones (models fine-tuned away) are dropped.
+SCORED_MODELS_KEPT = 4
 
 
 @dataclass
@@ -56,6 +72,14 @@ class Corrections:
     reviewed: set[int] = field(default_factory=set)
     edited: set[int] = field(default_factory=set)
     model: str | None = None  # the model that made the proposals the labels started from (SHIPPED_MODEL_NAME or a path)
+    done: bool = False  # every slice reviewed, whatever `reviewed` holds
+    # As last saved (None: unknown); `write` computes them from the labels it writes.
+    volumes_ml: dict[str, float] | None = None
+
+
+def default_store(case_path: str | Path) -> Path:
+    """The store beside a case (folder or Decathlon image) when none was chosen."""
+    return Path(case_path).parent / DEFAULT_STORE_NAME
 
 
 def corrections_path(case_dir_or_file: Path) -> Path:
@@ -69,8 +93,13 @@ def corrections_path(case_dir_or_file: Path) -> Path:
 
 def case_location(store: str | Path, source: CaseSource) -> tuple[dict[str, Path], Path, Path]:
     """(image files, segmentation file, corrections.json) of `source`'s case inside `store`."""
-    layout = "brats2021" if source.layout == "single" else source.layout
-    images, seg = layout_paths(store, layout, source.case_id)
+    return case_location_of(store, source.layout, source.case_id)
+
+
+def case_location_of(store: str | Path, layout: str, case_id: str) -> tuple[dict[str, Path], Path, Path]:
+    """`case_location` from a case's layout and id alone (what finding a case tells, unread)."""
+    layout = "brats2021" if layout == "single" else layout
+    images, seg = layout_paths(store, layout, case_id)
     case = next(iter(images.values())) if layout == "msd" else seg.parent
     return images, seg, corrections_path(case)
 
@@ -102,8 +131,11 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
         "reviewed_slices": sorted(source.axial_to_file_index(z) for z in corrections.reviewed),
         "edited_slices": sorted(source.axial_to_file_index(z) for z in corrections.edited),
         "axis": AXIS,
+        "done": bool(corrections.done),
         "label_convention": source.convention,
         "model": corrections.model,
+        "voxel_ml": source.voxel_ml,
+        "volumes_ml": {k: round(v, 6) for k, v in volumes_ml(labels, source.voxel_ml).items()},
         "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     img = labels_to_nifti(labels, source)
@@ -114,7 +146,7 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
         seg.parent.mkdir(parents=True, exist_ok=True)
         record_path.parent.mkdir(parents=True, exist_ok=True)
         img.to_filename(str(seg_tmp))  # the temporary name keeps the extension: nibabel compresses by it
-        record["segmentation_sha256"] = _sha256(seg_tmp)
+        record["segmentation_sha256"] = file_sha256(seg_tmp)
         record_tmp.write_text(json.dumps(record, indent=1))
         os.replace(seg_tmp, seg)  # the commit: from here readers take the hidden record with it
         committed = True
@@ -128,7 +160,7 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
     return record_path.parent if record_path.name == CORRECTIONS_FILE else seg
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
@@ -142,7 +174,7 @@ def _committed_record(seg: Path, record_path: Path) -> Path:
     pending = partials_of(record_path)
     if not pending or not seg.is_file():  # the usual case: nothing to hash
         return record_path
-    current = _sha256(seg)
+    current = file_sha256(seg)
     if record_path.is_file() and _recorded_sha256(record_path) == current:
         return record_path
     for path in pending:
@@ -215,7 +247,7 @@ def read_store_case(case_dir_or_file: str | Path, *, attempts: int = 5):
     path = Path(case_dir_or_file)
     for _ in range(attempts):
         seg = find_case(path).seg
-        before = _sha256(seg) if seg is not None and seg.is_file() else None
+        before = file_sha256(seg) if seg is not None and seg.is_file() else None
         case = read_case(path)
         if before is None:
             return case, read_corrections(path, case.source)
@@ -223,7 +255,7 @@ def read_store_case(case_dir_or_file: str | Path, *, attempts: int = 5):
         corrections = _read_record(record, case.source)
         recorded = _recorded_sha256(record) if record.exists() else None
         # A record without a hash (written by hand, or by another tool) is trusted.
-        if _sha256(seg) == before and recorded in (None, before):
+        if file_sha256(seg) == before and recorded in (None, before):
             return case, corrections
     raise NapariUnetError(f"{path}: the case kept changing while it was read (is an annotator saving it?); "
                           "try again")
@@ -232,18 +264,113 @@ def read_store_case(case_dir_or_file: str | Path, *, attempts: int = 5):
 def _read_record(path: Path, source: CaseSource) -> Corrections | None:
     if not path.exists():
         return None
-    data = _load_json(path)
-    if not isinstance(data, dict):
-        raise NapariUnetError(f'{path}: expected an object like {{"reviewed_slices": [axial indices]}}')
+    data = _parse_record(path)
     n_axial = source.axial_size
     reviewed = _slice_list(data, "reviewed_slices", path, n_axial, required=True)
     edited = _slice_list(data, "edited_slices", path, n_axial, required=False)
+    edited_display = {source.file_to_axial_index(z) for z in edited}
+    reviewed_display = {source.file_to_axial_index(z) for z in reviewed} | edited_display  # edited = looked at
+    return Corrections(reviewed_display, edited_display, data.get("model"), data.get("done", False),
+                       data.get("volumes_ml"))
+
+
+def _parse_record(path: Path) -> dict:
+    """A corrections.json's object, its optional fields checked (the slices need the case's size)."""
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise NapariUnetError(f'{path}: expected an object like {{"reviewed_slices": [axial indices]}}')
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise NapariUnetError(f"{path}: 'model' must be a file name or null")
-    edited_display = {source.file_to_axial_index(z) for z in edited}
-    reviewed_display = {source.file_to_axial_index(z) for z in reviewed} | edited_display  # edited = looked at
-    return Corrections(reviewed_display, edited_display, model)
+    if not isinstance(data.get("done", False), bool):
+        raise NapariUnetError(f"{path}: 'done' must be true or false")
+    volumes = data.get("volumes_ml")
+    if volumes is not None and not (
+            isinstance(volumes, dict) and set(volumes) == set(VOLUME_KEYS)
+            and all(_is_number(v) and 0 <= v < 1e7 for v in volumes.values())):
+        raise NapariUnetError(f"{path}: 'volumes_ml' must give {', '.join(VOLUME_KEYS)} in mL")
+    return data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+@dataclass
+class Summary:
+    """What a dataset's case list shows of a store case, read without its images or labels."""
+
+    reviewed: int  # slices listed as reviewed (edited ones included)
+    done: bool
+    volumes_ml: dict[str, float] | None  # None: unknown (saved before volumes were recorded)
+    model: str | None
+    saved: str | None  # when, as the record says (ISO 8601)
+    has_record: bool  # False: labels without corrections.json, which count as fully annotated
+
+
+def summary(store: str | Path, layout: str, case_id: str) -> Summary | None:
+    """The case's state in `store` from its corrections.json alone (None: not in the store).
+
+    Reads no image data: listing hundreds of cases stays quick. The slices are counted, not
+    checked against the volume (which would need its header); opening the case checks them.
+    """
+    _, seg, record_path = case_location_of(store, layout, case_id)
+    if not seg.is_file():
+        return None
+    record = _committed_record(seg, record_path)  # hashes the labels only after an interrupted save
+    if not record.exists():
+        return Summary(0, True, None, None, None, has_record=False)
+    data = _parse_record(record)
+    slices = {key: data.get(key, []) for key in ("reviewed_slices", "edited_slices")}
+    for key, value in slices.items():
+        if not isinstance(value, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+            raise NapariUnetError(f'{record}: expected "{key}": [axial indices as integers]')
+    if "reviewed_slices" not in data:
+        raise NapariUnetError(f'{record}: expected "reviewed_slices": [axial indices as integers]')
+    saved = data.get("saved")
+    return Summary(len(set(slices["reviewed_slices"]) | set(slices["edited_slices"])), data.get("done", False),
+                   data.get("volumes_ml"), data.get("model"), saved if isinstance(saved, str) else None,
+                   has_record=True)
+
+
+# --------------------------------------------------------------------------- case scores
+
+
+def read_case_scores(store: str | Path, model_sha256: str) -> dict[str, float]:
+    """Case id -> case-level uncertainty cached for the model file of this SHA-256 ({}: none)."""
+    entry = _scores_file(Path(store)).get(model_sha256)
+    scores = entry.get("scores") if isinstance(entry, dict) else None
+    if not isinstance(scores, dict):
+        return {}
+    return {str(k): float(v) for k, v in scores.items() if _is_number(v)}
+
+
+def write_case_scores(store: str | Path, model_sha256: str, scores: dict[str, float], model: str | None = None) -> Path:
+    """Add `scores` to the cache of the model of this SHA-256 (the store's one scores file)."""
+    store = Path(store)
+    cached = _scores_file(store)
+    entry = cached.pop(model_sha256, None)
+    merged = dict(entry.get("scores", {})) if isinstance(entry, dict) and isinstance(entry.get("scores"), dict) else {}
+    merged.update({k: float(v) for k, v in scores.items()})
+    cached[model_sha256] = {"model": model, "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "scores": merged}
+    kept = dict(list(cached.items())[-SCORED_MODELS_KEPT:])  # the latest written last
+    path = store / SCORES_FILE
+    write_text(path, json.dumps({"models": kept}, indent=1))
+    return path
+
+
+def _scores_file(store: Path) -> dict:
+    """The cached scores per model; a damaged or foreign file is a cache miss, never an error."""
+    path = store / SCORES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = _load_json(path)
+    except NapariUnetError:
+        return {}
+    models = data.get("models") if isinstance(data, dict) else None
+    return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
 
 
 def _load_json(path: Path):

@@ -6,7 +6,8 @@ optional `corrections.json`:
     {"reviewed_slices": [axial indices]}
 
 (`napari_unet.store` owns the format and the slice numbering). Only the reviewed slices of a case
-with a corrections.json teach the model; a case without one counts as fully annotated.
+with a corrections.json teach the model; a case without one, or one marked `"done": true`,
+counts as fully annotated.
 Tools other than napari (ITK-SNAP, 3D Slicer) can write the same store.
 """
 
@@ -102,7 +103,8 @@ def load_store(store, modalities, norm: Normalisation, progress: Callable | None
     out = []
     for path in _progress_iter(find_cases(store), progress):
         case, corrections = read_store_case(path)
-        reviewed = None if corrections is None else sorted(corrections.reviewed)
+        # A case without corrections.json, or marked done, teaches whole: every brain slice.
+        reviewed = None if corrections is None or corrections.done else sorted(corrections.reviewed)
         tc = train_case(case, modalities, norm, reviewed, required)
         if len(tc.trusted):
             out.append(tc)
