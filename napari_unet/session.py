@@ -53,6 +53,7 @@ class AnnotationSession:
         self.model_path: Path | None = Path(model) if model else None  # None: the shipped default
         self.reviewed: set[int] = set()
         self.edited: set[int] = set()
+        self.done = False  # every slice reviewed ("Case done"); `reviewed` is kept for unmarking
         self.slice_scores: np.ndarray | None = None
         self.proposal_model: str | None = None  # the model that made the labels' proposals
         self._shadow: np.ndarray | None = None  # the labels as last seen, to find edits
@@ -94,6 +95,7 @@ class AnnotationSession:
         else:
             labels, corrections = saved
             self.reviewed, self.edited = set(corrections.reviewed), set(corrections.edited)
+            self.done = corrections.done
             self.proposal_model = corrections.model
             if corrections.model not in (None, store_format.SHIPPED_MODEL_NAME) and Path(corrections.model).is_file():
                 self.model_path = Path(corrections.model)
@@ -146,12 +148,13 @@ class AnnotationSession:
         return changed.tolist(), note
 
     def merge_proposal(self, labels: np.ndarray, prediction) -> list[int]:
-        """Write a prediction into `labels` (in place) on every computed slice not reviewed.
+        """Write a prediction into `labels` (in place) on every computed slice not reviewed
+        (none in a case marked done).
 
         Returns the slices written. The slice ranking and the proposing model are updated.
         """
         computed = np.asarray(prediction.computed_slices, int)
-        take = computed[~np.isin(computed, sorted(self.reviewed))]
+        take = computed[~np.isin(computed, sorted(self.reviewed))] if not self.done else computed[:0]
         labels[take] = prediction.labels[take]
         if self._shadow is not None:
             self._shadow[take] = prediction.labels[take]
@@ -161,7 +164,8 @@ class AnnotationSession:
                 self.slice_scores = np.array(scores, np.float32)
             else:
                 self.slice_scores[computed] = scores[computed]
-        self.proposal_model = self.model_name
+        if not self.done:  # a done case's labels keep the model that made them
+            self.proposal_model = self.model_name
         return take.tolist()
 
     # ------------------------------------------------------------------ review
@@ -177,10 +181,21 @@ class AnnotationSession:
             self.edited.discard(z)
             self._before_edit.pop(z, None)
 
+    def set_done(self, done: bool = True) -> None:
+        """Mark the case done (every slice reviewed: it teaches fine-tuning whole, and no proposal
+        changes it) or not; the slices reviewed one by one are kept either way."""
+        self.done = bool(done)
+
+    def toggle_done(self) -> bool:
+        """"Case done" pressed: marks the case done, or undoes that; returns the new state."""
+        self.set_done(not self.done)
+        return self.done
+
     def next_to_review(self, current: int | None = None) -> int | None:
         """The unreviewed slice where the model is least sure; asked again from that slice,
-        the next one down the ranking. NaN scores (no brain) are never offered."""
-        if self.slice_scores is None:
+        the next one down the ranking. NaN scores (no brain) are never offered; nothing is in
+        a case marked done."""
+        if self.slice_scores is None or self.done:
             return None
         scores = np.asarray(self.slice_scores, float)
         order = [int(z) for z in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
@@ -196,7 +211,8 @@ class AnnotationSession:
     def snapshot(self, labels: np.ndarray) -> Snapshot:
         """A copy of everything a save writes (take it on the thread that owns `labels`)."""
         return Snapshot(np.array(labels, np.uint8, copy=True),
-                        store_format.Corrections(set(self.reviewed), set(self.edited), self.proposal_model))
+                        store_format.Corrections(set(self.reviewed), set(self.edited), self.proposal_model,
+                                                 self.done))
 
     def save(self, snapshot: Snapshot) -> Path:
         """Write a snapshot into the store (atomically); safe to call from a worker thread."""
@@ -262,7 +278,7 @@ class AnnotationSession:
     def finetune(self, *, steps: int | None = None, device: str = "auto", progress: Callable | None = None,
                  cancel: Callable | None = None):
         """Fine-tune the current model on the store (save first); the result becomes current."""
-        if not self.reviewed:
+        if not self.reviewed and not self.done:
             raise NapariUnetError("review or correct some slices first: only reviewed slices teach the model")
         from training.loop import FINETUNE, finetune
 
