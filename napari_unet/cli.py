@@ -256,6 +256,26 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_cases(args) -> int:
+    from napari_unet.dataset import format_table, list_dataset, next_case, score_cases
+
+    entries = list_dataset(args.dataset, args.store)
+    print(format_table(entries))
+    if args.next:
+        scores = None
+        if args.next == "uncertainty":
+            with progress_bar("scoring cases not started", "case") as update:
+                scores = score_cases(entries, args.model, device=args.device, progress=update,
+                                     log=lambda msg: print(f"napari-unet cases: {msg}", file=sys.stderr))
+        chosen = next_case(entries, args.next, args.after, scores)
+        if chosen is None:
+            print("next: none (every case is done)")
+        else:
+            score = f", uncertainty {scores[chosen.case_id]:.3f}" if scores and chosen.case_id in scores else ""
+            print(f"next: {chosen.case_id} ({chosen.status}{score})  {chosen.path}")
+    return 0
+
+
 def _cmd_annotate(args) -> int:
     from napari_unet.app import run_app
 
@@ -378,6 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the fine-tuned change kept in the new model: base + BLEND x (fine-tuned - base) "
                         "(default 0.5, so other cases keep what the base model did; 1 keeps the whole change)")
     p.set_defaults(run=_cmd_finetune)
+
+    p = sub.add_parser("cases", help="list a dataset's cases: status in the store, volumes, model",
+                       parents=[shared["model"], shared["device"]])
+    p.add_argument("dataset", help="a BraTS root, a Decathlon task or a folder of case folders (nesting is fine)")
+    p.add_argument("--store", help="corrections store (default: napari-unet-corrections beside each case, "
+                                   "as the widget uses)")
+    p.add_argument("--next", choices=["uncertainty", "order"],
+                   help="also name the case to annotate next: the one --model is least sure of among those "
+                        "not started (scored once per model, cached in the store), or the next in order")
+    p.add_argument("--after", metavar="CASE", help="the case being annotated now (for --next)")
+    p.set_defaults(run=_cmd_cases)
 
     p = sub.add_parser("annotate", help="open napari with the annotation widget and a case",
                        parents=[shared["model"], shared["device"]])
