@@ -62,13 +62,17 @@ class TaskRunner:
         self.worker = worker
         self.cancel_btn.setEnabled(True)
         self.progress_bar.setFormat(f"{what} %p%")
-        self.progress_bar.setValue(0)
+        # Busy until the first piece of work is done: fine-tuning reads the store and self-replays
+        # for seconds before its first step, and "0%" would say nothing is happening.
+        self.progress_bar.setRange(0, 0)
+        self.message(f"{what}…")  # not the previous action's result while this one runs
         worker.start()
         return worker
 
     def on_progress(self, done: int, total: int, info) -> None:
-        self.progress_bar.setMaximum(max(total, 1))
-        self.progress_bar.setValue(done)
+        if done > 0 or total <= 0:
+            self.progress_bar.setRange(0, max(total, 1))
+            self.progress_bar.setValue(done)
         bar = self.napari_bar
         if bar is not None:
             if bar.total != total:
@@ -88,6 +92,7 @@ class TaskRunner:
         self.worker = None
         self.cancel_btn.setEnabled(False)
         self.progress_bar.setFormat("")
+        self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
         if self.napari_bar is not None:
             self.napari_bar.close()

@@ -23,7 +23,6 @@ from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QWidget
 from napari_unet import NapariUnetError
 from napari_unet._qt import widget_gui
 from napari_unet._qt.tasks import TaskRunner
-from napari_unet._qt.widget_gui import SHIPPED_MODEL_ITEM
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_NAMES, NECROTIC
 from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
 
@@ -31,6 +30,7 @@ DEFAULT_STORE = "napari-unet-corrections"
 WIDGET_NAME = "Tumour annotation (U-Net)"
 _KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next",
          "Alt-0": BACKGROUND, "Alt-1": NECROTIC, "Alt-2": EDEMA, "Alt-3": ENHANCING}
+AXIS_LABELS = ("axial", "coronal", "sagittal")  # the slices each axis's slider steps through
 
 
 class _Bridge(QObject):
@@ -253,9 +253,14 @@ class AnnotationWidget(QWidget):
         if not any(layer.visible for layer in image_layers.values()):  # else the contrast the user chose
             shown = image_layers.get("flair") or image_layers.get("image") or next(reversed(image_layers.values()))
             shown.visible = True
+        if self.viewer.dims.ndim == len(AXIS_LABELS) and all(
+                label.lstrip("-").isdigit() for label in self.viewer.dims.axis_labels):  # napari's "-3": none chosen
+            self.viewer.dims.axis_labels = AXIS_LABELS
         self._show_annotation(labels)
         if session.model_path is not None:
             self.set_model(session.model_path)
+        self.loss_plot.clear()
+        self.save_label.setText("")
         if session.reviewed:
             text = f"{session.case_id}: restored {len(session.reviewed)} reviewed slice(s) from {session.case_path}"
         else:
@@ -301,6 +306,8 @@ class AnnotationWidget(QWidget):
         for event in (layer.events.paint, layer.events.set_data, layer.events.data):
             self._connect(event, self._edits_maybe, layer)
         self._connect(layer.events.selected_label, lambda e: self._check_label(layer), layer)
+        self._connect(layer.events.selected_label, self._show_paint_label, layer)
+        self._connect(layer.events.mode, self._show_paint_label, layer)
         self._annotation = layer
         for other in self.viewer.layers:  # a reference segmentation would hide what is edited
             if other is not layer and self.session.owns(source_of(other.metadata)) \
@@ -308,6 +315,7 @@ class AnnotationWidget(QWidget):
                 other.visible = False
         self._uncertainty_layer()
         self._bring_to_top()
+        self._show_paint_label()
 
     def _bring_to_top(self) -> None:
         layer = self.annotation_layer
@@ -361,18 +369,20 @@ class AnnotationWidget(QWidget):
             self.set_model(path)
 
     def set_model(self, path) -> None:
-        """Use this model file from now on (None: the shipped default)."""
-        if path is None:
-            self.model_combo.setCurrentIndex(0)
-            return
-        path = str(path)
-        if self.model_combo.findText(path) < 0:
-            self.model_combo.addItem(path)
-        self.model_combo.setCurrentIndex(self.model_combo.findText(path))
+        """Use this model file from now on (None: the shipped default). The menu shows its name
+        (and its folder's, if another model has the same name); the tooltip the whole path."""
+        combo = self.model_combo
+        if path is not None and combo.findData(str(path)) < 0:
+            path = Path(path)
+            taken = {combo.itemText(i) for i in range(combo.count())}
+            name = path.stem if path.stem not in taken else f"{path.stem} ({path.parent.name})"
+            combo.addItem(name, str(path))
+            combo.setItemData(combo.count() - 1, str(path), Qt.ToolTipRole)
+        combo.setCurrentIndex(0 if path is None else combo.findData(str(path)))
 
     def _combo_model(self) -> Path | None:
-        text = self.model_combo.currentText()
-        return None if text == SHIPPED_MODEL_ITEM else Path(text)
+        path = self.model_combo.currentData()
+        return Path(path) if path else None
 
     @property
     def model_path(self) -> Path | None:
@@ -380,6 +390,8 @@ class AnnotationWidget(QWidget):
         return self._combo_model()
 
     def _model_changed(self) -> None:
+        path = self._combo_model()
+        self.model_combo.setToolTip(str(path) if path else "the model that ships with napari-unet")
         if self.session is not None:
             self.session.set_model(self._combo_model())
 
@@ -451,6 +463,17 @@ class AnnotationWidget(QWidget):
         layer.selected_label = int(value)
         layer.mode = "erase" if value == BACKGROUND else "paint"
         self.viewer.layers.selection.active = layer
+        self._show_paint_label()  # (a click on the button already pressed changes nothing in napari)
+
+    def _show_paint_label(self, event=None) -> None:
+        """Press the Paint button of what the annotation layer paints with (the eraser in napari's
+        erase mode), whether chosen here, by key or in napari's own controls."""
+        layer = self.annotation_layer
+        active = None
+        if layer is not None:
+            active = BACKGROUND if str(layer.mode) == "erase" else int(layer.selected_label)
+        for value, button in self.label_buttons.items():
+            button.setChecked(value == active)
 
     def _check_label(self, layer) -> None:
         """Only the three tissue labels can be painted (napari's "new label" offers 4, 5, …)."""
@@ -509,6 +532,8 @@ class AnnotationWidget(QWidget):
         self.reviewed_list.clear()
         if self.session is None:
             self.slice_label.setText("no case open")
+            self.reviewed_btn.setText("Mark reviewed (Shift-R)")
+            self._show_paint_label()
             return
         for z in sorted(self.session.reviewed):
             tag = " (edited)" if z in self.session.edited else ""

@@ -15,6 +15,7 @@ from qtpy.QtWidgets import (
     QListWidget,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
@@ -23,6 +24,33 @@ from napari_unet._qt.plot import LossPlot
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC
 
 SHIPPED_MODEL_ITEM = "shipped default model"  # the model menu's entry for the packaged model
+MODEL_NAME_CHARS = 18  # the model menu is this wide whatever path it holds: the canvas keeps its room
+
+
+class PathLabel(QLabel):
+    """Shows its text with a break opportunity after each path separator, so a path wraps over
+    lines rather than being cut; `text()` is the text as it was set."""
+
+    def __init__(self, text: str = "", parent=None):
+        super().__init__(parent)
+        self.setText(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt's name)
+        self._plain = text
+        super().setText(text.replace("/", "/\u200b").replace("\\", "\\\u200b"))
+
+    def text(self) -> str:
+        return self._plain
+
+
+def wrapping_label(text: str = "") -> QLabel:
+    """A label that wraps and never widens the dock: a long path breaks over lines instead."""
+    label = PathLabel(text)
+    label.setWordWrap(True)
+    policy = label.sizePolicy()  # (keeps the height-for-width that word wrap set)
+    policy.setHorizontalPolicy(QSizePolicy.Ignored)
+    label.setSizePolicy(policy)
+    return label
 
 
 def with_button(field: QWidget, text: str, slot) -> QHBoxLayout:
@@ -40,14 +68,19 @@ def model_panel(w) -> QGroupBox:
     box = QGroupBox("Model")
     form = QFormLayout(box)
     w.model_combo = QComboBox()
-    w.model_combo.addItem(SHIPPED_MODEL_ITEM)
+    w.model_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    w.model_combo.setMinimumContentsLength(MODEL_NAME_CHARS)
+    w.model_combo.addItem(SHIPPED_MODEL_ITEM)  # no data: the packaged model
     form.addRow("model", with_button(w.model_combo, "File…", w._browse_model))
     w.model_combo.currentIndexChanged.connect(w._model_changed)
     w.device_combo = QComboBox()
     w.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
-    form.addRow("device", w.device_combo)
-    w.tta_check = QCheckBox("flip averaging (4x slower)")
-    form.addRow("", w.tta_check)
+    w.tta_check = QCheckBox("flip averaging")
+    w.tta_check.setToolTip("average the predictions of the image and its flips: steadier, 4x slower")
+    row = QHBoxLayout()
+    row.addWidget(w.device_combo)
+    row.addWidget(w.tta_check, 1)
+    form.addRow("device", row)
     return box
 
 
@@ -70,13 +103,15 @@ def propose_panel(w) -> QGroupBox:
 
 
 def paint_panel(w) -> QGroupBox:
-    """One button per label, in its colour."""
+    """One button per label, in its colour; the one painting with is shown pressed."""
     box = QGroupBox("Paint (Alt-0 … Alt-3)")
     row = QHBoxLayout(box)
     w.label_buttons = {}
     for value in (NECROTIC, EDEMA, ENHANCING, BACKGROUND):
         name = "eraser" if value == BACKGROUND else LABEL_NAMES[value]
-        button = QPushButton(f"{value} {name}")
+        button = QPushButton(f"{value} {name.split()[0]}")  # "3 enhancing": four fit in a narrow dock
+        button.setToolTip(f"paint {name} (Alt-{value})" if value != BACKGROUND else "erase (Alt-0)")
+        button.setCheckable(True)
         if value in LABEL_COLORS:
             r, g, b, _ = (int(255 * c) for c in LABEL_COLORS[value])
             button.setStyleSheet(f"border-left: 6px solid rgb({r},{g},{b});")
@@ -90,7 +125,7 @@ def review_panel(w) -> QGroupBox:
     """The slice on screen, Mark reviewed, Review next, the reviewed slices."""
     box = QGroupBox("Review")
     col = QVBoxLayout(box)
-    w.slice_label = QLabel("no case open")
+    w.slice_label = wrapping_label("no case open")
     col.addWidget(w.slice_label)
     row = QHBoxLayout()
     w.reviewed_btn = QPushButton("Mark reviewed (Shift-R)")
@@ -102,7 +137,7 @@ def review_panel(w) -> QGroupBox:
     row.addWidget(w.next_btn)
     col.addLayout(row)
     w.reviewed_list = QListWidget()
-    w.reviewed_list.setMaximumHeight(110)
+    w.reviewed_list.setMinimumHeight(2 * w.reviewed_list.fontMetrics().height() + 8)  # the rest of the dock's height
     w.reviewed_list.itemClicked.connect(lambda item: w.go_to_slice(int(item.data(Qt.UserRole))))
     col.addWidget(QLabel("reviewed slices (click to jump):"))
     col.addWidget(w.reviewed_list)
@@ -116,6 +151,7 @@ def store_panel(w) -> QGroupBox:
     w.store_edit = QLineEdit()
     w.store_edit.setPlaceholderText("folder for corrections")
     w.store_edit.editingFinished.connect(lambda: w.set_store(w.store_edit.text()))
+    w.store_edit.textChanged.connect(w.store_edit.setToolTip)  # the whole path, when the field is narrower
     form.addRow("store", with_button(w.store_edit, "…", w._browse_store))
     w.finetune_btn = QPushButton("Fine-tune on corrections")
     w.finetune_btn.clicked.connect(lambda: w.finetune())
@@ -137,19 +173,19 @@ def progress_and_status(w, layout: QVBoxLayout) -> None:
     row.addWidget(w.progress_bar, 1)
     row.addWidget(w.cancel_btn)
     layout.addLayout(row)
-    w.status = QLabel("")
-    w.status.setWordWrap(True)
+    w.status = wrapping_label()
     layout.addWidget(w.status)
-    w.save_label = QLabel("")  # autosaves report here, so they never hide the last action's result
-    w.save_label.setWordWrap(True)
+    w.save_label = wrapping_label()  # autosaves report here, so they never hide the last action's result
     w.save_label.setStyleSheet("color: gray;")
     layout.addWidget(w.save_label)
-    layout.addStretch(1)
 
 
 def build(w) -> None:
     """Lay out the panels of AnnotationWidget `w`, setting their controls on it."""
     layout = QVBoxLayout(w)
     for panel in (model_panel, propose_panel, paint_panel, review_panel, store_panel):
-        layout.addWidget(panel(w))
+        # The reviewed slices' list takes the height left over (napari adds no stretch under an
+        # expanding widget).
+        layout.addWidget(panel(w), 1 if panel is review_panel else 0)
     progress_and_status(w, layout)
+    w.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)

@@ -584,3 +584,102 @@ def test_undoing_a_stroke_unreviews_its_slice(annotator, tmp_path, qtbot, press,
     assert "slice 30: not reviewed" in widget.slice_label.text()
     assert widget.reviewed_btn.text().startswith("Mark reviewed")
     _wait_saved(qtbot, case_dir, lambda r, labels: r["reviewed_slices"] == [] and r["edited_slices"] == [])
+
+
+def test_the_dock_fits_in_400_px_and_names_the_model(make_napari_viewer, case_a, tmp_path, qtbot, wait_idle,
+                                                    dock_from_plugins_menu):
+    import shutil
+
+    from napari_unet.modelfile import default_model_path
+
+    # A case deep in a hospital's folders (no hyphen or space to break a line at), proposed by a
+    # fine-tuned model kept beside its store.
+    deep = tmp_path / "neuro_oncology_research_archive" / "BraTS2021_Training_Data_second_round"
+    case = shutil.copytree(case_a, deep / case_a.name)
+    model = deep / "napari-unet-corrections-models" / "finetuned-20261202-170000.safetensors"
+    model.parent.mkdir()
+    shutil.copy(default_model_path(), model)
+    first = _widget_with_case(make_napari_viewer(), case, qtbot, dock=False)
+    first.set_model(model)
+    first.propose_slice_btn.click()
+    wait_idle(first)
+    first.close()  # saves: the store records the model that made the labels
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1366, 768)
+    viewer.open(case, plugin="napari-unet")
+    widget = dock_from_plugins_menu(viewer)
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    qtbot.wait(100)  # laid out
+    assert widget.model_path == model  # restored from the store
+    assert widget.model_combo.currentText() == "finetuned-20261202-170000"
+    assert widget.model_combo.toolTip() == str(model)
+    assert str(widget.session.case_path) in widget.status.text()  # the whole store path is said...
+    assert _dock_of(widget).width() <= 400  # ...and wraps, rather than widening the dock
+    canvas = viewer.window._qt_viewer.canvas.native
+    assert canvas.width() >= 0.4 * viewer.window._qt_window.width()
+
+
+def test_no_stale_text_during_fine_tuning_and_after_a_case_closes(annotator, case_b, qtbot, wait_idle, monkeypatch):
+    import training.loop
+
+    monkeypatch.setattr(training.loop, "FINETUNE", training.loop.FINETUNE.updated(steps=2))  # a quick one
+    viewer, widget = annotator
+    a = widget.session.case_id
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    widget.next_btn.click()
+    widget.reviewed_btn.click()
+    assert widget.reviewed_btn.text().startswith("Unmark")
+
+    widget.finetune_btn.click()
+    # At once (the store is read and the model self-replays before its first step): what runs now
+    # is said, and the bar is busy rather than stuck at 0%.
+    assert widget.status.text().startswith("fine-tuning") and "unsure" not in widget.status.text()
+    assert widget.progress_bar.maximum() == 0
+    qtbot.waitUntil(lambda: widget.model_path is not None, timeout=WAIT)
+    wait_idle(widget)
+    qtbot.waitUntil(lambda: widget.save_label.text().startswith("saved"), timeout=WAIT)
+    assert widget.loss_plot.values and "proposed" in widget.status.text()
+
+    viewer.layers.selection = set(_case_layers(viewer, a, "image"))  # the case's images closed
+    viewer.layers.remove_selected()
+    qtbot.waitUntil(lambda: widget.session is None, timeout=WAIT)
+    qtbot.wait(100)  # the last save's report
+    assert widget.status.text().startswith(f"{a} closed") and "proposed" not in widget.status.text()
+    assert widget.reviewed_btn.text() == "Mark reviewed (Shift-R)"
+    assert widget.slice_label.text() == "no case open"
+    assert not any(b.isChecked() for b in widget.label_buttons.values())
+
+    viewer.open(case_b, plugin="napari-unet")
+    qtbot.waitUntil(lambda: widget.annotation_layer is not None, timeout=WAIT)
+    qtbot.wait(100)
+    assert widget.loss_plot.values == [] and a not in widget.save_label.text()
+    assert widget.status.text().startswith(case_b.name)
+
+
+def test_the_slider_paint_buttons_and_reviewed_list_say_what_they_show(annotator, qtbot, press):
+    viewer, widget = annotator
+    viewer.window._qt_window.resize(1600, 1000)
+    slider = viewer.window._qt_viewer.dims.slider_widgets[0]
+    assert slider.axis_label.text() == "axial"
+
+    layer = widget.annotation_layer
+    press(viewer, "2", modifier=Qt.AltModifier)
+    assert [v for v, b in widget.label_buttons.items() if b.isChecked()] == [EDEMA]
+    widget.label_buttons[0].click()
+    assert [v for v, b in widget.label_buttons.items() if b.isChecked()] == [0] and layer.mode == "erase"
+    widget.label_buttons[0].click()  # pressed again: still the eraser
+    assert widget.label_buttons[0].isChecked()
+    layer.selected_label = ENHANCING  # napari's own label control
+    layer.mode = "paint"  # napari's own brush button
+    assert [v for v, b in widget.label_buttons.items() if b.isChecked()] == [ENHANCING]
+
+    # Twelve slices reviewed: at 1600x1000 all of them are listed, none hidden behind a scroll bar.
+    for z in range(10, 22):
+        widget.go_to_slice(z)
+        press(viewer, "R")
+    qtbot.wait(100)
+    listed = widget.reviewed_list
+    assert listed.count() == 12
+    assert all(listed.viewport().rect().contains(listed.visualItemRect(listed.item(i))) for i in range(12))
