@@ -525,7 +525,9 @@ def read_case(path: str | os.PathLike, *, with_labels: bool = True) -> Case:
         labels = source.to_display(to_canonical(seg_raw, source.convention, str(files.seg)))
     missing = [m.upper() for m in MODALITIES if m not in images]
     if images and missing and files.layout != "single":
-        notes.append(f"{files.path}: no {', '.join(missing)} image (it has {', '.join(m.upper() for m in images)})")
+        # The problem first: a notification shows its first line, and a path fills it.
+        notes.append(f"{files.case_id}: no {', '.join(missing)} image (it has "
+                     f"{', '.join(m.upper() for m in images)}); in {files.path}")
     warning = _background_warning(images, files.path)
     return Case(files.case_id, images, labels, source, notes + ([warning] if warning else []))
 

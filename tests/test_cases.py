@@ -148,7 +148,8 @@ def test_a_case_with_some_modalities_missing_opens_and_says_which(good_case, tin
         next(good_case.glob(f"*_{m}.nii.gz")).unlink()
     case = read_case(good_case)
     assert sorted(case.images) == ["flair", "t1ce"] and case.labels is not None
-    assert any("no T1, T2 image" in note for note in case.warnings)
+    # The notification names the case and the problem first; the folder's path comes last.
+    assert f"{case.case_id}: no T1, T2 image (it has T1CE, FLAIR); in {good_case}" in case.warnings
     from napari_unet.modelfile import load_model
     from napari_unet.predict import Predictor
 
