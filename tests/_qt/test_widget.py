@@ -442,7 +442,26 @@ def test_a_reader_chosen_in_the_preferences_is_kept(make_napari_viewer):
     try:
         plugins.extension2reader = {"*.nii.gz": "napari"}  # the user's choice for .nii.gz
         AnnotationWidget(make_napari_viewer())
-        assert plugins.extension2reader == {"*.nii.gz": "napari", "*.nii": "napari-unet"}
+        assert plugins.extension2reader == {"*.nii.gz": "napari", "*.nii": "napari-unet",
+                                            "*[Bb][Rr][Aa][Tt][Ss]*/": "napari-unet"}
+    finally:
+        plugins.extension2reader = before
+
+
+def test_a_brats_case_folder_opens_without_asking_for_a_reader(make_napari_viewer, dataset_factory):
+    """File > Open Folder and a dropped folder open with no reader named: napari asks which reader
+    when two claim the folder and no preference decides, which it did for every case."""
+    from napari.settings import get_settings
+
+    plugins = get_settings().plugins
+    before = dict(plugins.extension2reader)
+    try:
+        plugins.extension2reader = {}
+        viewer = make_napari_viewer()
+        AnnotationWidget(viewer)
+        case_dir = dataset_factory("brats2021", cases=1)[0]
+        viewer.open(str(case_dir), plugin=None)  # napari raises MultipleReaderError where it would ask
+        assert {"T1", "T1CE", "T2", "FLAIR"} <= {layer.name for layer in viewer.layers}
     finally:
         plugins.extension2reader = before
 
