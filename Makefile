@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export QT_API := pyqt5
 
-.PHONY: setup system-deps app test bench default-model
+.PHONY: setup system-deps app test test-qt6 bench default-model
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,19 @@ app: setup
 
 test: setup system-deps
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(PY) -m pytest $(PYTEST_ARGS)
+
+# The Qt tests on PyQt6, in a virtual environment of their own.
+QT6_VENV ?= .venv-qt6
+$(QT6_VENV)/.installed: pyproject.toml
+	python3 -m venv $(QT6_VENV)
+	$(QT6_VENV)/bin/python -m pip install -q --upgrade pip
+	$(QT6_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(QT6_VENV)/bin/python -m pip install -q -e ".[test,pyqt6]"
+	$(QT6_VENV)/bin/python -m pip uninstall -q -y PyQt5 PyQt5-sip PyQt5-Qt5
+	touch $@
+
+test-qt6: $(QT6_VENV)/.installed system-deps
+	QT_API=pyqt6 PYTEST_QT_API=pyqt6 xvfb-run -a -s "-screen 0 1600x1000x24" $(QT6_VENV)/bin/python -m pytest -o qt_api=pyqt6 tests/_qt $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_predict.py

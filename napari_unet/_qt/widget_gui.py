@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unet._qt.plot import LossPlot
+from napari_unet._qt.tools_panel import correct_panel
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC
 
 SHIPPED_MODEL_ITEM = "shipped default model"  # the model menu's entry for the packaged model
@@ -183,7 +184,7 @@ def progress_and_status(w, layout: QVBoxLayout) -> None:
 def build(w) -> None:
     """Lay out the panels of AnnotationWidget `w`, setting their controls on it."""
     layout = QVBoxLayout(w)
-    for panel in (model_panel, propose_panel, paint_panel, review_panel, store_panel):
+    for panel in (model_panel, propose_panel, paint_panel, correct_panel, review_panel, store_panel):
         # The reviewed slices' list takes the height left over (napari adds no stretch under an
         # expanding widget).
         layout.addWidget(panel(w), 1 if panel is review_panel else 0)
