@@ -41,6 +41,22 @@ def painted_slices(labels: np.ndarray, label: int) -> list[int]:
     return np.flatnonzero((labels == label).reshape(labels.shape[0], -1).any(axis=1)).tolist()
 
 
+def gap_to_fill(painted: Iterable[int], z: int) -> tuple[int, int]:
+    """The two painted slices that bound the unpainted gap nearest slice `z`: the gap `z` is in,
+    or, from a painted slice (the one just painted, typically), the gap it borders; on a tie the
+    gap below. Only unpainted slices are filled, as 3D Slicer's "fill between slices" does, so a
+    shape the proposal already has on every slice is never overwritten by a guess."""
+    painted = sorted(set(int(p) for p in painted))
+    if len(painted) < 2:
+        where = f"slice {painted[0]} only" if painted else "no slice"
+        raise NapariUnetError(f"fill between: the label is on {where}; paint the shape on two slices first")
+    gaps = [(a, b) for a, b in zip(painted, painted[1:]) if b - a >= 2]
+    if not gaps:
+        raise NapariUnetError(f"fill between: the label is on every slice from {painted[0]} to {painted[-1]}; "
+                              "there is no unpainted slice between two painted ones")
+    return min(gaps, key=lambda g: (0 if g[0] <= z <= g[1] else min(abs(z - g[0]), abs(z - g[1])), g[0]))
+
+
 def fill_between(labels: np.ndarray, first: int, last: int, label: int, protect: Iterable[int] = ()) -> Edit:
     """The slices strictly between `first` and `last` get `label` where the shape painted on those
     two slices passes through them: morphological contour interpolation (Albu et al. 2008, the

@@ -81,3 +81,20 @@ def test_holes_in_the_core_become_necrotic_core_and_edema_outside_stays():
     assert (edit.labels[1:4][:, gap] == NECROTIC).all() and (edit.labels[4][gap] == EDEMA).all()
     outside = np.broadcast_to(~gap, labels.shape)
     assert np.array_equal(edit.labels[outside], labels[outside])  # the edema around the core stays
+
+
+@pytest.mark.parametrize("z, gap", [(12, (10, 15)), (15, (10, 15)), (3, (2, 5)), (30, (15, 20)), (5, (2, 5)),
+                                    (10, (5, 10))])  # 5 and 10 each bound two gaps: the one below
+def test_the_gap_to_fill_is_the_unpainted_gap_nearest_the_current_slice(z, gap):
+    from napari_unet.edits import gap_to_fill
+
+    assert gap_to_fill([2, 5, 10, 15, 20, 21], z) == gap
+
+
+@pytest.mark.parametrize("painted, message", [([], "on no slice"), ([4], "slice 4 only"),
+                                               ([4, 5, 6], "every slice from 4 to 6")])
+def test_no_gap_to_fill_is_said(painted, message):
+    from napari_unet.edits import gap_to_fill
+
+    with pytest.raises(NapariUnetError, match=message):
+        gap_to_fill(painted, 5)

@@ -1,0 +1,177 @@
+"""The Correct panel through the real widget's buttons: fill between slices, remove small pieces,
+keep the clicked piece, fill core holes; each one step of napari's undo, and reviewed slices kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import WAIT
+from qtpy.QtCore import Qt
+from test_widget import _widget_with_case
+
+from napari_unet.labels import EDEMA, ENHANCING, NECROTIC
+
+
+def _disk(shape, centre, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def _as_proposal(widget, labels) -> None:
+    """Labels in the layer as a proposal puts them: no slice edited, nothing in the undo history."""
+    layer = widget.annotation_layer
+    layer.data[:] = labels
+    widget.session.track(layer.data)
+    layer.refresh()
+
+
+@pytest.fixture
+def shown(make_napari_viewer, case_a, tmp_path, qtbot):
+    viewer = make_napari_viewer(show=True)  # shown: keys and clicks reach the canvas
+    widget = _widget_with_case(viewer, case_a, qtbot, tmp_path / "store")
+    return viewer, widget
+
+
+def _click(qtbot, button) -> None:
+    qtbot.mouseClick(button, Qt.LeftButton)
+
+
+def test_fill_between_fills_the_gap_as_one_undoable_step_and_keeps_reviewed_slices(shown, qtbot, wait_idle, press):
+    viewer, widget = shown
+    layer = widget.annotation_layer
+    _, ny, nx = layer.data.shape
+    _click(qtbot, widget.label_buttons[EDEMA])
+    disk = _disk((ny, nx), (40, 40), 6)
+    layer.data_setitem((np.full(disk.sum(), 20),) + np.nonzero(disk), EDEMA)
+    widget.go_to_slice(22)
+    _click(qtbot, widget.fill_between_btn)
+    assert "paint the shape on two slices first" in widget.status.text()  # said, not raised
+    assert widget.tasks.worker is None  # refused before any work began
+
+    big = _disk((ny, nx), (50, 56), 12)
+    layer.data_setitem((np.full(big.sum(), 28),) + np.nonzero(big), EDEMA)
+    widget.go_to_slice(24)
+    _click(qtbot, widget.reviewed_btn)
+    qtbot.waitUntil(lambda: widget.session.edited == {20, 28}, timeout=WAIT)
+    before = np.array(layer.data)
+
+    widget.go_to_slice(22)  # inside the gap
+    _click(qtbot, widget.fill_between_btn)
+    assert widget.status.text().startswith("filling slices 21-27")  # on a worker: the GUI goes on
+    wait_idle(widget)
+    data = np.asarray(layer.data)
+    areas = [(data[z] == EDEMA).sum() for z in (21, 22, 23, 25, 26, 27)]
+    assert areas == sorted(areas) and disk.sum() < areas[0] and areas[-1] < big.sum()  # grows from one to the other
+    assert not data[24].any()  # reviewed: left as it was
+    np.testing.assert_array_equal(data[[*range(21), *range(28, len(data))]],
+                                  before[[*range(21), *range(28, len(data))]])
+    filled = {21, 22, 23, 25, 26, 27}
+    assert widget.session.edited == {20, 28} | filled and widget.session.reviewed == {20, 24, 28} | filled
+    assert widget.reviewed_list.count() == 9
+    assert widget.status.text() == ("filled slices 21-23, 25-27 with edema (between 20 and 28); "
+                                    "reviewed slice(s) 24 left as they were")
+
+    press(viewer, "Z", modifier=Qt.ControlModifier)  # napari's undo: the whole fill in one step
+    np.testing.assert_array_equal(layer.data, before)
+    qtbot.waitUntil(lambda: widget.session.edited == {20, 28}, timeout=WAIT)
+    assert widget.session.reviewed == {20, 24, 28}
+
+    _click(qtbot, widget.change_reviewed_check)  # asked to: the reviewed slice is filled too
+    _click(qtbot, widget.fill_between_btn)
+    wait_idle(widget)
+    assert (np.asarray(layer.data[24]) == EDEMA).sum() > disk.sum()
+    assert widget.status.text() == "filled slices 21-27 with edema (between 20 and 28)"
+
+
+def test_fill_between_needs_a_label_and_a_gap(shown, qtbot, wait_idle):
+    viewer, widget = shown
+    layer = widget.annotation_layer
+    labels = np.zeros(layer.data.shape, np.uint8)
+    labels[10:15, 30:40, 30:40] = NECROTIC
+    _as_proposal(widget, labels)
+    widget.go_to_slice(12)
+    _click(qtbot, widget.label_buttons[0])  # the eraser
+    _click(qtbot, widget.fill_between_btn)
+    assert "choose the label to fill in the Paint row" in widget.status.text()
+    _click(qtbot, widget.label_buttons[NECROTIC])
+    _click(qtbot, widget.fill_between_btn)
+    assert "on every slice from 10 to 14" in widget.status.text()
+    wait_idle(widget)
+    np.testing.assert_array_equal(layer.data, labels)
+
+
+def test_remove_small_pieces_and_fill_core_holes_each_undo_in_one_step(shown, qtbot, wait_idle, press):
+    viewer, widget = shown
+    layer = widget.annotation_layer
+    voxel_ml = widget.session.source.voxel_ml
+    assert widget.min_piece_ml.value() == 0.5
+    labels = np.zeros(layer.data.shape, np.uint8)
+    labels[20:31, 30:60, 30:60] = EDEMA  # the tumour
+    labels[40:43, 10:13, 10:13] = EDEMA  # a speck: 27 voxels
+    labels[46, 80:85, 80:85] = EDEMA  # another, on a slice about to be reviewed
+    labels[10:15, 70:80, 20:30] = ENHANCING  # a core with a hole of edema inside
+    labels[11:14, 72:78, 22:28] = EDEMA
+    assert 27 * voxel_ml < 0.5 and 25 * voxel_ml < 0.5 < 6 * 36 * voxel_ml  # (the hole, as a piece, is larger)
+    _as_proposal(widget, labels)
+    widget.go_to_slice(46)
+    _click(qtbot, widget.reviewed_btn)
+
+    _click(qtbot, widget.remove_pieces_btn)
+    wait_idle(widget)
+    data = np.array(layer.data)
+    assert not data[40:43].any()  # the speck is gone
+    np.testing.assert_array_equal(data[46], labels[46])  # the reviewed slice's is not
+    assert (data != labels).sum() == 27
+    assert widget.status.text() == f"removed 1 piece, {27 * voxel_ml:.2f} mL (each under 0.5 mL)"
+    assert widget.session.edited == {40, 41, 42} and widget.session.reviewed == {40, 41, 42, 46}
+
+    press(viewer, "Z", modifier=Qt.ControlModifier)
+    np.testing.assert_array_equal(layer.data, labels)
+    qtbot.waitUntil(lambda: widget.session.edited == set(), timeout=WAIT)
+    assert widget.session.reviewed == {46}
+
+    _click(qtbot, widget.fill_holes_btn)
+    wait_idle(widget)
+    data = np.array(layer.data)
+    assert (data[11:14, 72:78, 22:28] == NECROTIC).all()
+    assert (data != labels).sum() == 3 * 36
+    assert widget.session.edited == {11, 12, 13}
+    assert widget.status.text() == f"filled core holes: {108 * voxel_ml:.2f} mL made necrotic core on slices 11-13"
+    press(viewer, "Z", modifier=Qt.ControlModifier)
+    np.testing.assert_array_equal(layer.data, labels)
+
+
+def test_keep_clicked_piece_keeps_the_piece_under_the_click(shown, qtbot, wait_idle, press):
+    viewer, widget = shown
+    layer = widget.annotation_layer
+    nz, ny, nx = layer.data.shape
+    labels = np.zeros(layer.data.shape, np.uint8)
+    labels[25:36, ny // 2 - 15 : ny // 2 + 15, nx // 2 - 15 : nx // 2 + 15] = EDEMA  # under the canvas centre
+    labels[25:28, 2:6, 2:6] = NECROTIC  # a false island
+    labels[40, 2:6, 2:6] = EDEMA  # another, on a reviewed slice
+    _as_proposal(widget, labels)
+    widget.go_to_slice(40)
+    _click(qtbot, widget.reviewed_btn)
+    _click(qtbot, widget.label_buttons[ENHANCING])  # painting: the click must not paint
+    widget.go_to_slice(30)
+
+    _click(qtbot, widget.keep_piece_btn)
+    assert widget.keep_piece_btn.isChecked() and "click the piece" in widget.status.text()
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.mouseClick(canvas, Qt.LeftButton, pos=canvas.rect().center())
+    wait_idle(widget)
+    qtbot.waitUntil(lambda: widget.status.text().startswith("kept"), timeout=WAIT)
+    expected = labels.copy()
+    expected[25:28, 2:6, 2:6] = 0
+    np.testing.assert_array_equal(layer.data, expected)
+    assert widget.status.text() == f"kept the clicked piece; removed 1 piece, {48 * widget.session.source.voxel_ml:.2f} mL"
+    assert not widget.keep_piece_btn.isChecked() and layer.mode == "paint"
+    assert widget.session.edited == {25, 26, 27}
+
+    press(viewer, "Z", modifier=Qt.ControlModifier)
+    np.testing.assert_array_equal(layer.data, labels)
+
+    # Pressed twice: no longer waiting, and a click paints again.
+    _click(qtbot, widget.keep_piece_btn)
+    _click(qtbot, widget.keep_piece_btn)
+    assert layer.mode == "paint" and widget.keep_piece_btn.text() == "Keep clicked piece"
