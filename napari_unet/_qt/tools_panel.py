@@ -188,16 +188,21 @@ class CorrectTools:
         elif not on and self._armed is not None:
             layer, mode = self._armed
             self._armed = None
-            if self._on_click in viewer.mouse_drag_callbacks:
-                viewer.mouse_drag_callbacks.remove(self._on_click)
+            _forget(viewer.mouse_drag_callbacks, self._on_click)
             if layer.mode == "pan_zoom":  # (unless the annotator chose a mode since)
                 layer.mode = mode
 
     def _on_click(self, viewer, event) -> None:
         if self._armed is None:
             return
+        if self.w._released:  # the widget closed while waiting: leave the viewer as it was
+            layer, mode = self._armed
+            self._armed = None
+            QTimer.singleShot(0, lambda: (_forget(viewer.mouse_drag_callbacks, self._on_click),
+                                          setattr(layer, "mode", mode)))
+            return
         layer = self._armed[0]
-        if self.w._released or layer is not self.w.annotation_layer:
+        if layer is not self.w.annotation_layer:  # another case took over since
             point = None
         else:
             point = tuple(int(round(c)) for c in layer.world_to_data(event.position))
@@ -255,6 +260,11 @@ class CorrectTools:
             self.w._message(text)
 
         return self.w.tasks.start(work, done, what, napari_bar=napari_bar)
+
+
+def _forget(callbacks: list, callback) -> None:
+    if callback in callbacks:
+        callbacks.remove(callback)
 
 
 def _apply(layer, before: np.ndarray, edit: edits.Edit) -> None:

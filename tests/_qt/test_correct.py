@@ -175,3 +175,19 @@ def test_keep_clicked_piece_keeps_the_piece_under_the_click(shown, qtbot, wait_i
     _click(qtbot, widget.keep_piece_btn)
     _click(qtbot, widget.keep_piece_btn)
     assert layer.mode == "paint" and widget.keep_piece_btn.text() == "Keep clicked piece"
+
+
+def test_a_widget_closed_while_waiting_for_the_click_leaves_the_viewer_as_it_was(shown, qtbot):
+    viewer, widget = shown
+    layer = widget.annotation_layer
+    _click(qtbot, widget.label_buttons[EDEMA])
+    widget.go_to_slice(30)
+    _click(qtbot, widget.keep_piece_btn)
+    assert layer.mode == "pan_zoom"
+    widget.close()
+    before = np.array(layer.data)
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.mouseClick(canvas, Qt.LeftButton, pos=canvas.rect().center())
+    qtbot.waitUntil(lambda: layer.mode == "paint", timeout=WAIT)
+    np.testing.assert_array_equal(layer.data, before)  # nothing kept, nothing painted
+    assert not [c for c in viewer.mouse_drag_callbacks if getattr(c, "__self__", None) is widget.correct_tools]
