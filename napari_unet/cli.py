@@ -410,9 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", metavar="CASE", help="the case being annotated now (for --next)")
     p.set_defaults(run=_cmd_cases)
 
-    p = sub.add_parser("annotate", help="open napari with the annotation widget and a case",
+    p = sub.add_parser("annotate", help="open napari with the annotation widget and a case or a dataset",
                        parents=[shared["model"], shared["device"]])
-    p.add_argument("case", nargs="?", help="case folder or file (default: the sample case)")
+    p.add_argument("case", nargs="?", help="case folder or file, or a dataset root (a BraTS root, a Decathlon task, "
+                                           "a folder of case folders) to open as the widget's case list "
+                                           "(default: the sample case)")
     p.set_defaults(run=_cmd_annotate)
 
     return parser

@@ -22,6 +22,7 @@ from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QWidget
 
 from napari_unet import NapariUnetError
 from napari_unet._qt import widget_gui
+from napari_unet._qt.case_list import CaseList
 from napari_unet._qt.tasks import TaskRunner
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_NAMES, NECROTIC
 from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
@@ -110,6 +111,7 @@ class AnnotationWidget(QWidget):
         self._save_timer.timeout.connect(self.save)
         self._edit_timer = QTimer(self, singleShot=True, interval=50)
         self._edit_timer.timeout.connect(self._collect_edits)
+        self.cases = CaseList(self)  # the dataset open, if any: its panel is laid out with the others
         widget_gui.build(self)
         self.tasks = TaskRunner(self.progress_bar, self.cancel_btn, self._message, self._error,
                                 lambda info: self.loss_plot.add(info["loss"]) if "loss" in info else None)
@@ -401,11 +403,13 @@ class AnnotationWidget(QWidget):
         self.model_combo.setToolTip(str(path) if path else "the model that ships with napari-unet")
         if self.session is not None:
             self.session.set_model(self._combo_model())
+        self.cases.model_changed()  # a new model (a fine-tune's) is unsure of other cases
 
     def set_store(self, path) -> None:
         """Save corrections under this folder, for this case and the next ones."""
         self.store_edit.setText(str(path))
         self._store_chosen = True
+        self.cases.refresh()  # the dataset's cases as this store holds them
         if self.session is not None:
             self.session.store = Path(path)
             self._save_timer.start()
@@ -536,6 +540,7 @@ class AnnotationWidget(QWidget):
             self._save_timer.start()
 
     def _refresh_review_list(self) -> None:
+        self.cases.follow_session()
         self.reviewed_list.clear()
         if self.session is None:
             self.slice_label.setText("no case open")
@@ -629,6 +634,7 @@ class AnnotationWidget(QWidget):
             self._error(text)
         elif session is self.session:  # a case left meanwhile: its save is no news about this one
             self.save_label.setText(text)
+        self.cases.refresh()  # the list follows the store
 
     def _message(self, text: str) -> None:
         self.status.setText(text)
@@ -672,6 +678,7 @@ class AnnotationWidget(QWidget):
             self._collect_edits()
             self.save()
         self.tasks.abandon()
+        self.cases.close()
         self._release()
         self.session = self._annotation = None
 

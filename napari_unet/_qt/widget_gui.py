@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_unet._qt.case_list import case_list_panel
 from napari_unet._qt.plot import LossPlot
 from napari_unet._qt.tools_panel import correct_panel
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC
@@ -184,7 +185,7 @@ def progress_and_status(w, layout: QVBoxLayout) -> None:
 def build(w) -> None:
     """Lay out the panels of AnnotationWidget `w`, setting their controls on it."""
     layout = QVBoxLayout(w)
-    for panel in (model_panel, propose_panel, paint_panel, correct_panel, review_panel, store_panel):
+    for panel in (case_list_panel, model_panel, propose_panel, paint_panel, correct_panel, review_panel, store_panel):
         # The reviewed slices' list takes the height left over (napari adds no stretch under an
         # expanding widget).
         layout.addWidget(panel(w), 1 if panel is review_panel else 0)

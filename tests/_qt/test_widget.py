@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import WAIT
+from conftest import MEDIUM, WAIT
 from viewing import shown_label_pixels, tumour_slice
 from qtpy.QtCore import Qt
 
@@ -694,12 +694,199 @@ def test_the_slider_paint_buttons_and_reviewed_list_say_what_they_show(annotator
     layer.mode = "paint"  # napari's own brush button
     assert [v for v, b in widget.label_buttons.items() if b.isChecked()] == [ENHANCING]
 
-    # Eight slices reviewed: at 1600x1000, under the Correct panel, all of them are listed (the
-    # list takes the dock's spare height), none hidden behind a scroll bar.
-    for z in range(10, 18):
+    # Five slices reviewed: at 1600x1000, under the Dataset and Correct panels, all of them are
+    # listed (the list takes the dock's spare height), none hidden behind a scroll bar.
+    for z in range(10, 15):
         widget.go_to_slice(z)
         press(viewer, "R")
     qtbot.wait(100)
     listed = widget.reviewed_list
-    assert listed.count() == 8
-    assert all(listed.viewport().rect().contains(listed.visualItemRect(listed.item(i))) for i in range(8))
+    assert listed.count() == 5
+    assert all(listed.viewport().rect().contains(listed.visualItemRect(listed.item(i))) for i in range(5))
+
+
+# --------------------------------------------------------------------------- a dataset (issue 17)
+
+
+@pytest.fixture
+def three_cases(dataset_factory, tmp_path):
+    """A dataset root of three cases (copies: the widget may write beside them)."""
+    import shutil
+
+    root = tmp_path / "data"
+    paths = []
+    for path in dataset_factory("brats2021", cases=3, seed=5, shape=MEDIUM):
+        shutil.copytree(path, root / path.name)
+        paths.append(root / path.name)
+    return root, paths
+
+
+def _open_dataset(viewer, root, qtbot, monkeypatch, store) -> AnnotationWidget:
+    """The widget docked, its store chosen, then Open dataset… pressed and `root` chosen."""
+    from napari_unet._qt import case_list
+
+    widget = AnnotationWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.set_store(store)
+    monkeypatch.setattr(case_list.QFileDialog, "getExistingDirectory", lambda *a, **k: str(root))
+    qtbot.mouseClick(widget.open_dataset_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.case_list.count() == 3, timeout=WAIT)
+    return widget
+
+
+def _list_line(widget, case_id: str) -> str:
+    """The case's text in the case list (both lines, joined)."""
+    for i in range(widget.case_list.count()):
+        text = widget.case_list.item(i).text()
+        if text.lstrip("▶ ").startswith(f"{case_id}:"):
+            return " ".join(text.split())
+    raise AssertionError(f"{case_id} is not in the list")
+
+
+def _click_case(widget, qtbot, case_id: str) -> None:
+    view = widget.case_list
+    item = next(view.item(i) for i in range(view.count()) if view.item(i).data(Qt.UserRole) == case_id)
+    view.scrollToItem(item)
+    qtbot.mouseClick(view.viewport(), Qt.LeftButton, pos=view.visualItemRect(item).center())
+
+
+def _opened(widget, qtbot, case_id: str) -> None:
+    qtbot.waitUntil(lambda: widget.session is not None and widget.session.case_id == case_id
+                    and widget.annotation_layer is not None, timeout=WAIT)
+
+
+def test_a_dataset_opens_as_a_case_list_and_a_click_opens_a_case(make_napari_viewer, three_cases, tmp_path,
+                                                                 qtbot, wait_idle, monkeypatch):
+    root, paths = three_cases
+    store = tmp_path / "store"
+    viewer = make_napari_viewer(show=True)
+    widget = _open_dataset(viewer, root, qtbot, monkeypatch, store)
+    a, b, c = (p.name for p in paths)
+    assert [_list_line(widget, k) for k in (a, b, c)] == [f"{k}: not started" for k in (a, b, c)]
+    assert widget.session is None and len(viewer.layers) == 0  # listing opens no case
+
+    _click_case(widget, qtbot, b)
+    _opened(widget, qtbot, b)
+    assert "FLAIR" in [layer.name for layer in viewer.layers] and f"{b} annotation" in viewer.layers
+    qtbot.waitUntil(lambda: widget.case_list.item(1).text().startswith(f"▶ {b}:"), timeout=WAIT)
+
+    # Proposed and one slice marked reviewed: saved, and the list says so with the volumes and model.
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    qtbot.mouseClick(widget.reviewed_btn, Qt.LeftButton)
+    labels = np.asarray(widget.annotation_layer.data)
+    voxel_ml = float(np.prod(widget.session.source.spacing)) / 1000
+    wt, tc = (labels > 0).sum() * voxel_ml, np.isin(labels, (1, 3)).sum() * voxel_ml
+    assert wt > 1
+    qtbot.waitUntil(lambda: "1 reviewed" in _list_line(widget, b), timeout=WAIT)
+    assert _list_line(widget, b) == f"▶ {b}: 1 reviewed WT {wt:.1f} TC {tc:.1f} ET " \
+                                     f"{(labels == 3).sum() * voxel_ml:.1f} mL · default"
+    assert _store_record(store / b)["reviewed_slices"] == [widget.current_slice()]
+
+    # Another case clicked: the one left is saved and its layers go; the list marks the new one.
+    edited_z = tumour_slice(labels)
+    widget.annotation_layer.data[edited_z] = 0
+    widget.annotation_layer.refresh()  # an edit not saved yet when the click comes
+    _click_case(widget, qtbot, c)
+    _opened(widget, qtbot, c)
+    record = _store_record(store / b)
+    assert edited_z in record["edited_slices"] and not _stored_labels(store / b)[edited_z].any()
+    qtbot.waitUntil(lambda: not any(layer.name.startswith(b) for layer in viewer.layers), timeout=WAIT)
+    qtbot.waitUntil(lambda: _list_line(widget, c) == f"▶ {c}: not started"
+                    and _list_line(widget, b).startswith(f"{b}: 2 reviewed"), timeout=WAIT)
+
+
+def test_case_done_is_recorded_shown_in_the_list_and_undone(make_napari_viewer, three_cases, tmp_path, qtbot,
+                                                             monkeypatch):
+    root, paths = three_cases
+    store = tmp_path / "store"
+    viewer = make_napari_viewer(show=True)
+    widget = _open_dataset(viewer, root, qtbot, monkeypatch, store)
+    a = paths[0].name
+    assert not widget.done_btn.isEnabled()  # no case open: nothing to mark
+    _click_case(widget, qtbot, a)
+    _opened(widget, qtbot, a)
+
+    qtbot.mouseClick(widget.done_btn, Qt.LeftButton)
+    assert widget.done_btn.isChecked()
+    qtbot.waitUntil(lambda: _list_line(widget, a).startswith(f"▶ {a}: done"), timeout=WAIT)
+    assert _store_record(store / a)["done"] is True
+
+    qtbot.mouseClick(widget.done_btn, Qt.LeftButton)  # pressed again: undone
+    assert not widget.done_btn.isChecked()
+    qtbot.waitUntil(lambda: _list_line(widget, a).startswith(f"▶ {a}: 0 reviewed"), timeout=WAIT)
+    assert _store_record(store / a)["done"] is False
+
+    # The button follows the case on screen: done on the case left, not on the next one.
+    qtbot.mouseClick(widget.done_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: _store_record(store / a)["done"] is True, timeout=WAIT)
+    _click_case(widget, qtbot, paths[1].name)
+    _opened(widget, qtbot, paths[1].name)
+    assert not widget.done_btn.isChecked()
+    _click_case(widget, qtbot, a)
+    _opened(widget, qtbot, a)
+    assert widget.done_btn.isChecked()
+
+
+def test_next_case_in_order_skips_cases_done(make_napari_viewer, three_cases, tmp_path, qtbot, monkeypatch):
+    root, paths = three_cases
+    store = tmp_path / "store"
+    viewer = make_napari_viewer(show=True)
+    widget = _open_dataset(viewer, root, qtbot, monkeypatch, store)
+    a, b, c = (p.name for p in paths)
+    widget.case_order_combo.setCurrentText("in order")
+    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
+    _opened(widget, qtbot, a)
+    qtbot.mouseClick(widget.done_btn, Qt.LeftButton)
+    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
+    _opened(widget, qtbot, b)
+    assert widget.status.text().startswith(f"next case, in order: {b}: ready")
+    assert f"{a} was saved and closed" in widget.status.text()
+    qtbot.waitUntil(lambda: _list_line(widget, a).startswith(f"{a}: done"), timeout=WAIT)
+    qtbot.mouseClick(widget.done_btn, Qt.LeftButton)
+    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
+    _opened(widget, qtbot, c)
+    qtbot.mouseClick(widget.done_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: _list_line(widget, b).startswith(f"{b}: done")
+                    and _list_line(widget, c).startswith(f"▶ {c}: done"), timeout=WAIT)
+    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
+    assert widget.status.text() == "every case of the dataset is done" and widget.session.case_id == c
+
+
+def test_next_case_by_uncertainty_opens_the_case_the_model_is_least_sure_of(
+        make_napari_viewer, three_cases, tmp_path, qtbot, monkeypatch):
+    """The cases are scored in the background as the dataset opens (cached in the store); Next
+    case opens the highest, here the case whose images are blank, last in the list."""
+    import nibabel as nib
+
+    root, paths = three_cases
+    blank = paths[2]
+    for image in blank.glob("*.nii.gz"):
+        if not image.name.endswith("_seg.nii.gz"):
+            img = nib.load(image)
+            nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine, img.header), image)
+    store = tmp_path / "store"
+    viewer = make_napari_viewer(show=True)
+    widget = _open_dataset(viewer, root, qtbot, monkeypatch, store)
+    assert widget.case_order_combo.currentText() == "uncertainty"  # the default
+    scores_file = store / "case_uncertainty.json"
+    qtbot.waitUntil(lambda: len(widget.cases.scores) == 3, timeout=WAIT)
+    cached = json.loads(scores_file.read_text())
+    (scores,) = (model["scores"] for model in cached["models"].values())
+    assert max(scores, key=scores.get) == blank.name, scores
+    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
+    _opened(widget, qtbot, blank.name)
+    assert "least sure" in widget.status.text()
+
+
+def test_annotate_command_opens_a_dataset_as_the_case_list(three_cases, tmp_path, qtbot):
+    from napari_unet.app import open_viewer
+
+    root, paths = three_cases
+    viewer, widget = open_viewer(root, device="cpu", show=False)
+    try:
+        qtbot.waitUntil(lambda: widget.case_list.count() == 3, timeout=WAIT)
+        assert widget.session is None
+        assert _list_line(widget, paths[0].name) == f"{paths[0].name}: not started"
+    finally:
+        viewer.close()
