@@ -44,6 +44,17 @@ def case_path(dataset_factory, layout):
     return dataset_factory(layout, cases=1, seed=ALL_TISSUES_SEED)[0]
 
 
+def copied_cases(cases, root) -> list:
+    """Copies of the case folders `cases` in the folder `root` (a dataset a test may write in)."""
+    import shutil
+
+    copies = []
+    for path in cases:
+        shutil.copytree(path, root / path.name)
+        copies.append(root / path.name)
+    return copies
+
+
 def expected_labels(seed: int, index: int, shape=SMALL) -> np.ndarray:
     """The canonical labels the generator made for case `index` (1-based) in file voxel order."""
     from napari_unet.synth import generate

@@ -9,6 +9,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import TRAIN_SHAPE, copied_cases
 
 from napari_unet import NapariUnetError
 from napari_unet import store as store_format
@@ -21,15 +22,14 @@ from napari_unet.predict import Prediction
 from napari_unet.preprocess import Normalisation
 from napari_unet.session import AnnotationSession
 
-MEDIUM = (96, 96, 62)  # the tiny model's training grid: where it sees the tumour
+MEDIUM = TRAIN_SHAPE  # the tiny model's training grid: where it sees the tumour
 
 
 @pytest.fixture
 def dataset(dataset_factory, tmp_path):
     """Three small cases in a folder of this test's own (a store beside them is written there)."""
     root = tmp_path / "data"
-    for path in dataset_factory("brats2021", cases=3):
-        shutil.copytree(path, root / path.name)
+    copied_cases(dataset_factory("brats2021", cases=3), root)
     return root
 
 
@@ -250,10 +250,7 @@ def test_next_case_in_order():
 def blank_flair_dataset(dataset_factory, tmp_path):
     """Four cases of the tiny model's look; the third's FLAIR is blank (a failed export)."""
     root = tmp_path / "data"
-    paths = []
-    for path in dataset_factory("brats2021", cases=4, seed=5, shape=MEDIUM):
-        shutil.copytree(path, root / path.name)
-        paths.append(root / path.name)
+    paths = copied_cases(dataset_factory("brats2021", cases=4, seed=5, shape=MEDIUM), root)
     flair = paths[2] / f"{paths[2].name}_flair.nii.gz"
     img = nib.load(flair)
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine, img.header), flair)

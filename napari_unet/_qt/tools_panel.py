@@ -93,18 +93,16 @@ class CorrectTools:
         target = self._target()
         if target is None:
             return None
-        session, layer = target
+        session, layer, labels, _, protect = target
         label = int(layer.selected_label)
         if str(layer.mode) == "erase" or not 0 < label <= ENHANCING:
             self.w._error("fill between: choose the label to fill in the Paint row (1, 2 or 3)")
             return None
-        labels = np.array(layer.data, copy=True)
         try:
             lo, hi = edits.gap_to_fill(edits.painted_slices(labels, label), self.w.current_slice())
         except NapariUnetError as err:
             self.w._error(str(err))
             return None
-        protect = self._protect(session)
 
         def work():
             edit = edits.fill_between(labels, lo, hi, label, protect=protect)
@@ -122,10 +120,8 @@ class CorrectTools:
         target = self._target()
         if target is None:
             return None
-        session, layer = target
-        labels, min_ml, voxel_ml = np.array(layer.data, copy=True), self.w.min_piece_ml.value(), session.source.voxel_ml
-
-        protect = self._protect(session)
+        session, layer, labels, voxel_ml, protect = target
+        min_ml = self.w.min_piece_ml.value()
 
         def work():
             edit = edits.remove_small_pieces(labels, voxel_ml, min_ml, protect=protect)
@@ -137,10 +133,7 @@ class CorrectTools:
         target = self._target()
         if target is None:
             return None
-        session, layer = target
-        labels, voxel_ml = np.array(layer.data, copy=True), session.source.voxel_ml
-
-        protect = self._protect(session)
+        session, layer, labels, voxel_ml, protect = target
 
         def work():
             edit = edits.fill_core_holes(labels, protect=protect)
@@ -155,10 +148,7 @@ class CorrectTools:
         target = self._target()
         if target is None:
             return None
-        session, layer = target
-        labels, voxel_ml = np.array(layer.data, copy=True), session.source.voxel_ml
-
-        protect = self._protect(session)
+        session, layer, labels, voxel_ml, protect = target
 
         def work():
             edit = edits.keep_pieces_at(labels, [point], protect=protect)
@@ -219,7 +209,8 @@ class CorrectTools:
 
     # ------------------------------------------------------------------ common
     def _target(self):
-        """(session, layer) to edit, or None with the reason shown."""
+        """What a tool works on: (session, layer, a copy of its labels, a voxel's mL, the slices
+        to keep), or None with the reason shown."""
         if self.w.tasks.refuse_if_busy():
             return None
         layer, session = self.w.annotation_layer, self.w.session
@@ -230,7 +221,7 @@ class CorrectTools:
             self.w._error(f"{layer.name} is read-only: it belongs to a case no longer annotated")
             return None
         self.w._collect_edits()  # strokes not noticed yet are reviewed before the tool decides
-        return session, layer
+        return session, layer, np.array(layer.data, copy=True), session.source.voxel_ml, self._protect(session)
 
     def _protect(self, session) -> set[int]:
         if self.w.change_reviewed_check.isChecked():

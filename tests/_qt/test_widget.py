@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import MEDIUM, WAIT
+from conftest import MEDIUM, WAIT, copied_cases
 from viewing import shown_label_pixels, tumour_slice
 from qtpy.QtCore import Qt
 
@@ -213,9 +213,19 @@ def test_sample_data_is_annotated_and_autosaved(make_napari_viewer, tmp_path, qt
     np.testing.assert_allclose(stored.images["flair"], viewer.layers["FLAIR"].data)
 
 
-def test_annotate_command_opens_the_case_with_the_widget(case_a, tmp_path, qtbot, wait_idle):
-    from napari_unet.app import open_viewer
+@pytest.fixture
+def open_viewer(make_napari_viewer, monkeypatch):
+    """`napari-unet annotate`'s open_viewer, its napari.Viewer made by make_napari_viewer: a second
+    plain Viewer in one process registers the plugins' actions again, which napari refuses."""
+    import napari
 
+    from napari_unet import app
+
+    monkeypatch.setattr(napari, "Viewer", lambda **kwargs: make_napari_viewer(**kwargs))
+    return app.open_viewer
+
+
+def test_annotate_command_opens_the_case_with_the_widget(open_viewer, case_a, tmp_path, qtbot, wait_idle):
     viewer, widget = open_viewer(case_a, device="cpu", show=False)
     try:
         widget.set_store(tmp_path / "store")
@@ -711,14 +721,8 @@ def test_the_slider_paint_buttons_and_reviewed_list_say_what_they_show(annotator
 @pytest.fixture
 def three_cases(dataset_factory, tmp_path):
     """A dataset root of three cases (copies: the widget may write beside them)."""
-    import shutil
-
     root = tmp_path / "data"
-    paths = []
-    for path in dataset_factory("brats2021", cases=3, seed=5, shape=MEDIUM):
-        shutil.copytree(path, root / path.name)
-        paths.append(root / path.name)
-    return root, paths
+    return root, copied_cases(dataset_factory("brats2021", cases=3, seed=5, shape=MEDIUM), root)
 
 
 def _open_dataset(viewer, root, qtbot, monkeypatch, store) -> AnnotationWidget:
@@ -879,9 +883,7 @@ def test_next_case_by_uncertainty_opens_the_case_the_model_is_least_sure_of(
     assert "least sure" in widget.status.text()
 
 
-def test_annotate_command_opens_a_dataset_as_the_case_list(three_cases, tmp_path, qtbot):
-    from napari_unet.app import open_viewer
-
+def test_annotate_command_opens_a_dataset_as_the_case_list(open_viewer, three_cases, tmp_path, qtbot):
     root, paths = three_cases
     viewer, widget = open_viewer(root, device="cpu", show=False)
     try:
