@@ -125,6 +125,8 @@ class AnnotationWidget(QWidget):
         self._connect(self.viewer.layers.events.inserted, self._schedule_attach)
         self._connect(self.viewer.layers.events.removed, self._schedule_attach)
         self._connect(self.viewer.dims.events.current_step, self._update_slice_label)
+        self._connect(self.viewer.dims.events.order, self._plane_changed)
+        self._connect(self.viewer.dims.events.ndisplay, self._plane_changed)
         for key, action in _KEYS.items():
             handler = (lambda v, a=action: getattr(self, a)()) if isinstance(action, str) \
                 else (lambda v, a=action: self.select_label(a))
@@ -132,6 +134,7 @@ class AnnotationWidget(QWidget):
             self._key_handlers.append((key, handler))
         _prefer_our_reader_for_nifti()
         self._attach()
+        self._plane_changed()
 
     # ------------------------------------------------------------------ the case
     def _open_cases(self) -> dict[tuple, dict]:
@@ -501,9 +504,32 @@ class AnnotationWidget(QWidget):
     def go_to_slice(self, z: int) -> None:
         self.viewer.dims.set_current_step(0, int(z))
 
+    def view_plane(self) -> str:
+        """The plane on screen: "axial", "coronal", "sagittal" or "3D" (the display's axes are
+        superior, posterior, left; see cases.DISPLAY_AXCODES)."""
+        if self.viewer.dims.ndisplay == 3:
+            return "3D"
+        return {(1, 2): "axial", (2, 1): "axial", (0, 2): "coronal", (2, 0): "coronal",
+                (0, 1): "sagittal", (1, 0): "sagittal"}.get(tuple(self.viewer.dims.order[-2:]), "axial")
+
+    def _plane_changed(self, event=None) -> None:
+        # Array row 0 is the most inferior slice: drawn downwards, coronal and sagittal views
+        # would show the head upside down.
+        vertical_is_superior = self.viewer.dims.ndisplay == 2 and self.viewer.dims.order[-2] == 0
+        camera = self.viewer.camera
+        camera.orientation2d = ("up" if vertical_is_superior else "down", camera.orientation2d[1])
+        axial = self.view_plane() == "axial"
+        self.reviewed_btn.setEnabled(axial)
+        self.reviewed_btn.setToolTip("" if axial else "review is per axial slice: transpose back to the axial view")
+        self._update_slice_label()
+
     def toggle_reviewed(self) -> None:
         """Mark the current slice reviewed, or unmark it (it then takes new proposals again)."""
         if self.session is None:
+            return
+        if self.view_plane() != "axial":
+            self._message(f"the view is {self.view_plane()}: review is per axial slice; "
+                          "napari's transpose button brings the axial view back")
             return
         z = self.current_slice()
         self.session.set_reviewed(z, z not in self.session.reviewed)
@@ -515,6 +541,9 @@ class AnnotationWidget(QWidget):
         if self.session is None or self.session.slice_scores is None:
             self._message("propose first: the ranking comes from the model's uncertainty")
             return None
+        if self.view_plane() != "axial":  # the slice to review is an axial one: show it so
+            self.viewer.dims.ndisplay = 2
+            self.viewer.dims.order = (0, 1, 2)
         # Pressed again on the slice it went to: the next one down. From anywhere else: the top.
         again = self._review_next_at is not None and self.current_slice() == self._review_next_at
         z = self.session.next_to_review(self._review_next_at if again else None)
@@ -556,6 +585,12 @@ class AnnotationWidget(QWidget):
 
     def _update_slice_label(self, event=None) -> None:
         if self.session is None:
+            return
+        plane = self.view_plane()
+        if plane != "axial":
+            self.slice_label.setText(
+                f"{self.session.case_id}, {plane} view: review is per axial slice; a stroke here marks "
+                f"each axial slice it touches edited · {len(self.session.reviewed)} reviewed")
             return
         z = self.current_slice()
         state = "reviewed" if z in self.session.reviewed else "not reviewed"

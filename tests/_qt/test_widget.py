@@ -552,6 +552,30 @@ def test_review_next_starts_at_the_top_of_each_new_ranking(annotator, wait_idle,
     assert widget.current_slice() == _ranking(widget)[0]
 
 
+def test_other_planes_show_the_head_upright_and_review_stays_axial(annotator, wait_idle, press):
+    """Transposed to coronal (napari's transpose: the order of the axes), superior is at the top,
+    the widget names the plane instead of an axial slice not on screen, Shift-R marks nothing, and
+    Review next brings the axial view back on the slice it chose."""
+    viewer, widget = annotator
+    widget.propose_volume_btn.click()
+    wait_idle(widget)
+    assert widget.view_plane() == "axial" and viewer.camera.orientation2d[0] == "down"  # anterior at the top
+    viewer.dims.order = (1, 0, 2)  # coronal: superior-inferior vertical
+    assert widget.view_plane() == "coronal"
+    assert viewer.camera.orientation2d[0] == "up"  # display axis 0 runs to superior: drawn upwards
+    assert "coronal view: review is per axial slice" in widget.slice_label.text()
+    assert not widget.reviewed_btn.isEnabled()
+    before = set(widget.session.reviewed)
+    press(viewer, "R")
+    assert widget.session.reviewed == before
+    assert "review is per axial slice" in widget.status.text()
+    viewer.dims.order = (2, 0, 1)  # sagittal
+    assert widget.view_plane() == "sagittal" and viewer.camera.orientation2d[0] == "up"
+    press(viewer, "N")
+    assert widget.view_plane() == "axial" and viewer.camera.orientation2d[0] == "down"
+    assert widget.current_slice() == _ranking(widget)[0] and widget.reviewed_btn.isEnabled()
+
+
 def test_an_earlier_case_comes_back_when_opened_or_shown_again_and_when_the_later_one_closes(
         annotator, case_a, case_b, qtbot, wait_idle):
     from napari_unet.layers import META_KEY
