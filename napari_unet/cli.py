@@ -276,6 +276,20 @@ def _cmd_cases(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from napari_unet.report import format_table, report, write_csv
+
+    csv_out = _output_file(args.csv, "--csv file") if args.csv else None  # refused before any case is read
+    with progress_bar("reading labels", "case") as update:
+        rows = report(args.paths, args.reference, progress=update)
+    print(format_table(rows))
+    if csv_out:
+        existed = csv_out.exists()
+        write_csv(rows, csv_out)
+        print(_wrote(csv_out, existed))
+    return 0
+
+
 def _cmd_annotate(args) -> int:
     from napari_unet.app import run_app
 
@@ -409,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "not started (scored once per model, cached in the store), or the next in order")
     p.add_argument("--after", metavar="CASE", help="the case being annotated now (for --next)")
     p.set_defaults(run=_cmd_cases)
+
+    p = sub.add_parser("report", help="one row per case: volumes in mL, review state, model, Dice against a reference")
+    p.add_argument("paths", nargs="+", metavar="STORE_OR_FOLDER",
+                   help="a corrections store (or any dataset root), or a folder of predictions from `predict`")
+    p.add_argument("--reference", metavar="DIR",
+                   help="reference segmentations matched by case id (a dataset root, a Decathlon task or a folder "
+                        "of <case_id>.nii.gz): adds Dice WT/TC/ET")
+    p.add_argument("--csv", metavar="FILE", help="also write the rows to this CSV file")
+    p.set_defaults(run=_cmd_report)
 
     p = sub.add_parser("annotate", help="open napari with the annotation widget and a case or a dataset",
                        parents=[shared["model"], shared["device"]])
