@@ -13,6 +13,18 @@ def is_dataset(path) -> bool:
     return path.is_dir() and find_cases(path) != [path]
 
 
+def _quiet_pyqt5_banner() -> None:
+    """napari 0.9 greets every start on PyQt5 with its deprecation; the README tells our users
+    about it once, with the Qt 6 install (napari-unet[pyqt6]). A private flag: if napari renames
+    it, the banner simply comes back."""
+    try:
+        from napari._qt import qt_main_window
+    except ImportError:
+        return
+    if hasattr(qt_main_window, "SHOW_QT_WARNING"):
+        qt_main_window.SHOW_QT_WARNING = False
+
+
 def open_viewer(case=None, *, model=None, device: str = "auto", show: bool = True):
     """A viewer with the case (or the sample case of File > Open Sample) and the docked widget;
     returns (viewer, widget). A dataset root opens as the widget's case list, no case open yet."""
@@ -23,6 +35,7 @@ def open_viewer(case=None, *, model=None, device: str = "auto", show: bool = Tru
     from napari_unet.cases import read_case
     from napari_unet.layers import case_layer_data
 
+    _quiet_pyqt5_banner()
     viewer = napari.Viewer(title="napari-unet", show=show)
     dataset = case if case and is_dataset(case) else None
     if dataset is None:

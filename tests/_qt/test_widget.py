@@ -225,12 +225,19 @@ def open_viewer(make_napari_viewer, monkeypatch):
     return app.open_viewer
 
 
-def test_annotate_command_opens_the_case_with_the_widget(open_viewer, case_a, tmp_path, qtbot, wait_idle):
+def test_annotate_command_opens_the_case_with_the_widget(open_viewer, case_a, tmp_path, qtbot, wait_idle,
+                                                         monkeypatch):
+    from napari._qt import qt_main_window
+    from napari.utils.notifications import notification_manager
+
+    monkeypatch.setattr(qt_main_window, "SHOW_QT_WARNING", True)  # a fresh start, on PyQt5 or not
+    shown = len(notification_manager.records)
     viewer, widget = open_viewer(case_a, device="cpu", show=False)
     try:
         widget.set_store(tmp_path / "store")
         assert widget.session is not None and widget.session.case_id == case_a.name
         viewer.window.show()
+        assert not [r for r in notification_manager.records[shown:] if "PyQt5" in str(r.message)]
         _proposal_is_shown(viewer, widget, qtbot, wait_idle)
     finally:
         viewer.close()
