@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unet import NapariUnetError
-from napari_unet.layers import source_of
+from napari_unet.layers import META_KEY, source_of
 
 # The order combo's entries and the `dataset.next_case` order each stands for.
 ORDER_CHOICES = {"uncertainty": "uncertainty", "in order": "order"}
@@ -68,6 +68,7 @@ def case_list_panel(w) -> QGroupBox:
     w.case_order_combo.addItems(list(ORDER_CHOICES))
     w.case_order_combo.setToolTip("uncertainty: the case not started that the model is least sure of "
                                   "(scored in the background); in order: the next in the list")
+    w.case_order_combo.currentIndexChanged.connect(lambda: w.cases.prepare_next())  # another next case
     row.addWidget(w.next_case_btn, 1)
     row.addWidget(w.case_order_combo)
     part.addLayout(row)
@@ -110,6 +111,7 @@ class CaseList(QObject):
 
     listed = Signal(int, object)  # generation, entries (or a NapariUnetError)
     scored = Signal(int, object)  # generation, {case_id: score}
+    ahead = Signal(object, object)  # key, (layer data, (prediction, warning), read warnings) or an exception
 
     def __init__(self, w):
         super().__init__(w)
@@ -127,12 +129,21 @@ class CaseList(QObject):
         self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-scores",
                                           initializer=_lower_priority)
         self._score_cancel = threading.Event()
+        # The next case, read and proposed while the annotator works on this one: niced like the
+        # scoring, and on a thread of its own so that a scoring of hundreds of cases never holds it up.
+        self._aheader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-ahead",
+                                           initializer=_lower_priority)
+        self._ahead_key = None  # (case id, path, model, device, tta) being prepared or ready
+        self._ahead = None  # (layer data, (prediction, warning), read warnings) once ready
+        self._ahead_cancel = threading.Event()
         self._marked = None  # the case marked current in the list
-        self._pending = None  # (case id, session left, why) of a case being opened from the list
+        # (case id, session left, why, (model, proposal) made ahead or None) of a case being opened
+        self._pending = None
         self._rescore = False  # score once the listing under way is in
         w.destroyed.connect(self._stop.set)  # deleted with its window, never closed: stop the threads
         self.listed.connect(self._on_listed)
         self.scored.connect(self._on_scored)
+        self.ahead.connect(self._on_ahead)
 
     # ------------------------------------------------------------------ the list
     def browse(self) -> None:
@@ -187,6 +198,7 @@ class CaseList(QObject):
         if self._rescore:
             self._rescore = False
             self.score()
+        self.prepare_next()  # statuses changed: the next case may be another
 
     def show(self) -> None:
         """Fill the list widget from the entries; the case being annotated is marked."""
@@ -219,6 +231,7 @@ class CaseList(QObject):
         current = session.case_id if session is not None else None
         if self.entries and current != self._marked:  # (called on every edit: rebuild only when needed)
             self.show()
+            self.prepare_next()
         pending = self._pending
         if pending is not None and current == pending[0]:
             self._pending = None
@@ -226,11 +239,15 @@ class CaseList(QObject):
         elif pending is not None and session is not None and session is not pending[1]:
             self._pending = None  # another case took over (opened otherwise meanwhile)
 
-    def _opened(self, case_id: str, left, why: str | None) -> None:
-        """A case opened from the list is the widget's now: the case left goes, and the status says why
-        this case came next."""
+    def _opened(self, case_id: str, left, why: str | None, ahead=None) -> None:
+        """A case opened from the list is the widget's now: the case left goes, the proposal made
+        ahead is merged as any proposal would be, and the status says why this case came next."""
         w = self.w
         text = f"{case_id}: ready; corrections go to {w.session.case_path}"
+        if ahead is not None and ahead[0] == self._model_key(w.session.model_path):
+            # The session's own merge: slices reviewed before (a case already started) are kept.
+            w._proposal_done(w.session, ahead[1], "")
+            text = f"{case_id}: ready and proposed ahead; corrections go to {w.session.case_path}"
         if left is not None:
             # Saved before the switch, and only hidden by it: going through a dataset, the images of
             # every case left would pile up in memory (some 150 MB a BraTS case).
@@ -255,10 +272,17 @@ class CaseList(QObject):
             return
         if w.session is not None and w.session.case_id == entry.case_id:
             return
+        ahead = self._take_ahead(entry)
         # Finished in follow_session, once the widget has switched (its attach is queued).
-        self._pending = (entry.case_id, w.session, why)
+        self._pending = (entry.case_id, w.session, why, None if ahead is None else (ahead[0][2:], ahead[2]))
         try:
-            w.viewer.open(str(entry.path), plugin="napari-unet")
+            if ahead is None:
+                w.viewer.open(str(entry.path), plugin="napari-unet")
+            else:  # read already: the layers napari's reader would make, from the arrays read ahead
+                for warning in ahead[3]:
+                    w._warn(warning)
+                for data, kwargs, kind in ahead[1]:
+                    getattr(w.viewer, f"add_{kind}")(data, **kwargs)
         except Exception as err:  # noqa: BLE001 (napari wraps the reader's errors in its own)
             self._pending = None
             w._error(f"{entry.case_id} could not be opened: {err}")
@@ -271,16 +295,20 @@ class CaseList(QObject):
         for layer in [layer for layer in w.viewer.layers if left.owns(source_of(layer.metadata))]:
             w.viewer.layers.remove(layer)
 
-    def open_next(self) -> None:
-        """Open the next case to annotate, in the order chosen."""
+    def _next_entry(self):
         from napari_unet.dataset import next_case
 
+        order = ORDER_CHOICES[self.w.case_order_combo.currentText()]
+        current = self.w.session.case_id if self.w.session is not None else None
+        return next_case(self.entries, order, current, self.scores)
+
+    def open_next(self) -> None:
+        """Open the next case to annotate, in the order chosen."""
         if not self.entries:
             self.w._message("open a dataset first (Open dataset…)")
             return
         order = ORDER_CHOICES[self.w.case_order_combo.currentText()]
-        current = self.w.session.case_id if self.w.session is not None else None
-        entry = next_case(self.entries, order, current, self.scores)
+        entry = self._next_entry()
         if entry is None:
             self.w._message("every case of the dataset is done")
             return
@@ -338,14 +366,94 @@ class CaseList(QObject):
     def _on_scored(self, generation: int, scores: dict) -> None:
         if generation == self._score_generation:
             self.scores = dict(scores)
+            self.prepare_next()  # by uncertainty, the next case may be another now
 
     def model_changed(self) -> None:
-        """A fine-tune made a new model: cases not started are scored again with it."""
+        """A fine-tune made a new model: cases not started are scored again with it, and the next
+        case is proposed again (its proposal made ahead came from the old model)."""
         self.refresh(rescore=True)
+        self.prepare_next()
+
+    # ------------------------------------------------------------------ the next case, ahead
+    def _model_key(self, model) -> tuple:
+        return (str(model) if model else None, self.w.device_combo.currentText(), self.w.tta_check.isChecked())
+
+    def _drop_ahead(self) -> None:
+        self._ahead_cancel.set()
+        self._ahead_key = self._ahead = None
+
+    def prepare_next(self) -> None:
+        """Read and propose the case Next case would open, in the background, with the current
+        model; what was made ahead for another case or model is dropped. Only while a case is
+        being annotated: until then the scoring has the CPU to itself."""
+        from napari_unet.dataset import DONE, UNREADABLE
+
+        w = self.w
+        if self._stop.is_set() or not self.entries or w.session is None:
+            return
+        entry = self._next_entry()
+        if entry is None or entry.status in (DONE, UNREADABLE):
+            self._drop_ahead()
+            return
+        key = (entry.case_id, str(entry.path)) + self._model_key(w.model_path)
+        if key == self._ahead_key:
+            return  # under way, or ready
+        self._drop_ahead()
+        self._ahead_cancel = cancel = threading.Event()
+        self._ahead_key = key
+        stop, store = self._stop, entry.store
+
+        def work():
+            from napari_unet._qt.widget import _display_ready
+            from napari_unet.cases import read_case
+            from napari_unet.layers import case_layer_data
+            from napari_unet.session import AnnotationSession
+
+            if cancel.is_set() or stop.is_set():
+                return
+            try:
+                case = read_case(entry.path)
+                layers, warnings = case_layer_data(case), list(case.warnings)
+                images = {kw["metadata"][META_KEY]["modality"]: data
+                          for data, kw, kind in layers if kind == "image"}
+                source = source_of(layers[0][1]["metadata"])
+                # A session of its own, never the store's: nothing of the case is written or read
+                # back until it opens, so a case being corrected elsewhere is never touched.
+                session = AnnotationSession(source, images, store, model=key[2])
+                result = _display_ready(session.predict(device=key[3], tta=key[4],
+                                                        cancel=lambda: cancel.is_set() or stop.is_set()))
+            except Exception as err:  # noqa: BLE001 (Cancelled, a case or model that cannot load:
+                # opening the case the ordinary way then says why, where the annotator looks)
+                result = err
+            if not (cancel.is_set() or stop.is_set()):
+                _emit(self, "ahead", key, result if isinstance(result, Exception) else (layers, result, warnings))
+
+        self._aheader.submit(work)
+
+    def _on_ahead(self, key, result) -> None:
+        if key != self._ahead_key or self._stop.is_set():
+            return  # dropped meanwhile
+        if isinstance(result, Exception):
+            return  # kept as the key: not tried again and again; Next case opens it the ordinary way
+        self._ahead = result
+        text = self.w.status.text().split(" · next: ")[0]
+        self.w._message(f"{text} · next: {key[0]} proposed ahead")
+
+    def _take_ahead(self, entry):
+        """(key, layer data, proposal, read warnings) made ahead for `entry` with the current model,
+        or None. Dropped either way: once the case opens, it is being annotated, and a late result
+        must not land in it."""
+        key, ahead = self._ahead_key, self._ahead
+        self._drop_ahead()
+        if ahead is None or key != (entry.case_id, str(entry.path)) + self._model_key(self.w.model_path):
+            return None
+        return (key, *ahead)
 
     def close(self) -> None:
         self._stop.set()
         self._score_cancel.set()
+        self._ahead_cancel.set()
+        self._aheader.shutdown(wait=False, cancel_futures=True)
         self._lister.shutdown(wait=False, cancel_futures=True)
         self._scorer.shutdown(wait=False, cancel_futures=True)
 

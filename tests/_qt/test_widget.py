@@ -923,3 +923,47 @@ def test_annotate_command_opens_a_dataset_as_the_case_list(open_viewer, three_ca
         assert _list_line(widget, paths[0].name) == f"{paths[0].name}: not started"
     finally:
         viewer.close()
+
+
+def test_next_case_is_proposed_ahead_and_opens_with_its_proposal(make_napari_viewer, three_cases, tmp_path, qtbot,
+                                                                  monkeypatch):
+    """While the annotator works on one case, the next is read and proposed in the background:
+    Next case shows it with its proposal, without Propose; a model change makes it again."""
+    import shutil
+    import time
+
+    from napari_unet.modelfile import load_model
+
+    root, paths = three_cases
+    store = tmp_path / "store"
+    viewer = make_napari_viewer(show=True)
+    widget = _open_dataset(viewer, root, qtbot, monkeypatch, store)
+    a, b, c = (p.name for p in paths)
+    widget.case_order_combo.setCurrentText("in order")
+    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
+    _opened(widget, qtbot, a)
+    qtbot.waitUntil(lambda: widget.cases._ahead is not None, timeout=WAIT)
+    assert widget.cases._ahead_key[0] == b and widget.status.text().endswith(f"next: {b} proposed ahead")
+
+    # A model change (the menu; a fine-tune ends the same way): made again with the new model.
+    other = tmp_path / "other.safetensors"
+    shutil.copy(load_model(None).path, other)
+    widget.set_model(other)
+    assert widget.cases._ahead is None  # the old model's proposal is gone at once
+    qtbot.waitUntil(lambda: widget.cases._ahead is not None, timeout=WAIT)
+    assert widget.cases._ahead_key[:3] == (b, str(paths[1]), str(other))
+
+    clicked = time.perf_counter()
+    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
+    _opened(widget, qtbot, b)
+    shown = time.perf_counter()
+    # Made ahead, it comes with the case: Propose is never pressed, nothing is computed now.
+    qtbot.waitUntil(lambda: np.count_nonzero(widget.annotation_layer.data) > 0, timeout=1000)
+    proposed = time.perf_counter()
+    print(f"\nnext case proposed ahead: case on screen {shown - clicked:.2f} s after the click "
+          f"(napari making its layers), its proposal {proposed - shown:.2f} s later")
+    assert widget.session.proposal_model == str(other) and widget.session.slice_scores is not None
+    assert "proposed ahead" in widget.status.text()
+    # Then the case after it is prepared, for the next click.
+    qtbot.waitUntil(lambda: widget.cases._ahead is not None, timeout=WAIT)
+    assert widget.cases._ahead_key[0] == c
