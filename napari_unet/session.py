@@ -287,3 +287,19 @@ class AnnotationSession:
                           cancel=cancel, progress=progress)
         self.set_model(result.path)
         return result
+
+
+def taught_by(metadata: dict) -> str:
+    """What a fine-tuned model learned from, in words: "12 reviewed slices of 3 cases and 2 whole
+    cases" (the store's every case counts, not only the one on screen)."""
+    corrections = metadata.get("training", {}).get("corrections", [])
+    whole = sum(1 for c in corrections if c.get("slices") == "all")
+    partial = [c for c in corrections if c.get("slices") != "all"]
+    slices = sum(len(c.get("slices", [])) for c in partial)
+    parts = []
+    if partial:
+        parts.append(f"{slices} reviewed slice{'s' * (slices != 1)} of {len(partial)} case{'s' * (len(partial) != 1)}")
+    if whole:
+        parts.append(f"{whole} whole case{'s' * (whole != 1)}")
+    return " and ".join(parts) or "no corrections"
+

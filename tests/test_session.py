@@ -249,3 +249,26 @@ def test_out_of_gpu_memory_the_proposal_is_made_on_the_cpu(small_case, tmp_path,
     prediction, warning = session.predict(device="cuda")
     assert warning == "GPU out of memory: ran on the CPU"
     np.testing.assert_array_equal(prediction.labels, on_cpu.labels)
+
+
+def test_a_fine_tune_says_what_taught_it_across_the_store(dataset_factory, tiny_model, tmp_path):
+    """A store of two cases, one with two reviewed slices and one marked done: the fine-tune of
+    either case learns from both, and says so."""
+    from napari_unet.session import taught_by
+
+    paths = dataset_factory("brats2021", cases=2, seed=3)
+    store = tmp_path / "store"
+    sessions = []
+    for path in paths:
+        case = read_case(path)
+        session = AnnotationSession(case.source, case.images, store, model=tiny_model[0])
+        labels = session.open_labels()
+        labels[:] = case.labels
+        sessions.append((session, labels))
+    first, second = sessions
+    first[0].reviewed = {10, 12}
+    first[0].save(first[0].snapshot(first[1]))
+    second[0].set_done(True)
+    second[0].save(second[0].snapshot(second[1]))
+    result = first[0].finetune(steps=1, device="cpu")
+    assert taught_by(result.metadata) == "2 reviewed slices of 1 case and 1 whole case"

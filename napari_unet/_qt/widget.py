@@ -650,7 +650,10 @@ class AnnotationWidget(QWidget):
 
     def _finetune_done(self, result) -> None:
         self.set_model(result.path)
-        note = f"fine-tuned in {result.seconds:.1f} s ({result.steps} steps): now using {result.path.name}"
+        from napari_unet.session import taught_by
+
+        note = (f"fine-tuned in {result.seconds:.1f} s ({result.steps} steps) on {taught_by(result.metadata)}: "
+                f"now using {result.path.name}")
         self._message(note)
         self.propose(current_slice=False, note=note)  # re-propose the unreviewed slices with the new model
 

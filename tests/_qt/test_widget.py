@@ -134,6 +134,7 @@ def test_propose_correct_review_save_finetune_repropose(make_napari_viewer, data
     wait_idle(widget)  # the re-proposal
     assert widget.model_path.exists() and widget.model_path.parent.name == "store-models"
     assert "fine-tuned in" in widget.status.text() and "proposed" in widget.status.text()
+    assert "on 3 reviewed slices of 1 case:" in widget.status.text()  # what taught it, from the whole store
     assert len(widget.loss_plot.values) >= 1
     after = np.array(layer.data)
     np.testing.assert_array_equal(after[[z1, z2]], truth[[z1, z2]])  # the user's labels stayed
