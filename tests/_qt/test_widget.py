@@ -770,6 +770,17 @@ def _open_dataset(viewer, root, qtbot, monkeypatch, store) -> AnnotationWidget:
     return widget
 
 
+def _first_case_in_order(make_napari_viewer, three_cases, store, qtbot, monkeypatch):
+    """The dataset open, cases in order, Next case pressed: (widget, the three case ids), the first open."""
+    root, paths = three_cases
+    widget = _open_dataset(make_napari_viewer(show=True), root, qtbot, monkeypatch, store)
+    a, b, c = (p.name for p in paths)
+    widget.case_order_combo.setCurrentText("in order")
+    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
+    _opened(widget, qtbot, a)
+    return widget, (a, b, c)
+
+
 def _list_line(widget, case_id: str) -> str:
     """The case's text in the case list (both lines, joined)."""
     for i in range(widget.case_list.count()):
@@ -865,14 +876,8 @@ def test_case_done_is_recorded_shown_in_the_list_and_undone(make_napari_viewer, 
 
 
 def test_next_case_in_order_skips_cases_done(make_napari_viewer, three_cases, tmp_path, qtbot, monkeypatch):
-    root, paths = three_cases
     store = tmp_path / "store"
-    viewer = make_napari_viewer(show=True)
-    widget = _open_dataset(viewer, root, qtbot, monkeypatch, store)
-    a, b, c = (p.name for p in paths)
-    widget.case_order_combo.setCurrentText("in order")
-    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
-    _opened(widget, qtbot, a)
+    widget, (a, b, c) = _first_case_in_order(make_napari_viewer, three_cases, store, qtbot, monkeypatch)
     qtbot.mouseClick(widget.done_btn, Qt.LeftButton)
     qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
     _opened(widget, qtbot, b)
@@ -935,14 +940,8 @@ def test_next_case_is_proposed_ahead_and_opens_with_its_proposal(make_napari_vie
 
     from napari_unet.modelfile import load_model
 
-    root, paths = three_cases
     store = tmp_path / "store"
-    viewer = make_napari_viewer(show=True)
-    widget = _open_dataset(viewer, root, qtbot, monkeypatch, store)
-    a, b, c = (p.name for p in paths)
-    widget.case_order_combo.setCurrentText("in order")
-    qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
-    _opened(widget, qtbot, a)
+    widget, (a, b, c) = _first_case_in_order(make_napari_viewer, three_cases, store, qtbot, monkeypatch)
     qtbot.waitUntil(lambda: widget.cases._ahead is not None, timeout=WAIT)
     assert widget.cases._ahead_key[0] == b and widget.status.text().endswith(f"next: {b} proposed ahead")
 
@@ -952,7 +951,7 @@ def test_next_case_is_proposed_ahead_and_opens_with_its_proposal(make_napari_vie
     widget.set_model(other)
     assert widget.cases._ahead is None  # the old model's proposal is gone at once
     qtbot.waitUntil(lambda: widget.cases._ahead is not None, timeout=WAIT)
-    assert widget.cases._ahead_key[:3] == (b, str(paths[1]), str(other))
+    assert widget.cases._ahead_key[:3] == (b, str(three_cases[1][1]), str(other))
 
     clicked = time.perf_counter()
     qtbot.mouseClick(widget.next_case_btn, Qt.LeftButton)
