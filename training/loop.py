@@ -233,13 +233,14 @@ def run(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if is_ddp else model
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    # L2-SP (Li et al. 2018): the starting weights as the prior, not zero.
-    start_weights = [p.detach().clone() for p in model.parameters()] if s.anchor > 0 else []
     if not 0 < s.blend <= 1:
         raise NapariUnetError(f"blend must be in (0, 1], not {s.blend}")
     if s.blend < 1 and val_cases:
         raise NapariUnetError("blend is for fine-tuning, which keeps no validation cases")
-    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.blend < 1 else {}
+    # The starting weights, for L2-SP (Li et al. 2018: the prior is the start, not zero) and the blend.
+    start_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                   if s.anchor > 0 or s.blend < 1 else {})
+    start_weights = [start_state[name] for name, _ in model.named_parameters()] if s.anchor > 0 else []
     amp_dtype = autocast_dtype(device, s.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -349,7 +350,7 @@ def run(
             break
     del batches
     model.eval()
-    if start_state:
+    if s.blend < 1:
         with torch.no_grad():
             for name, value in model.state_dict().items():
                 if value.is_floating_point():
