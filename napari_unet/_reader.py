@@ -66,3 +66,21 @@ def read_case_layers(path):
 
         show_error(str(err))
         return [(None,)]
+
+
+# Folders are matched with a trailing separator; a BraTS case folder (and a dataset root) has
+# "BraTS" in its path in any case, whatever the release's naming.
+BRATS_FOLDER_PATTERN = "*[Bb][Rr][Aa][Tt][Ss]*/"
+
+
+def prefer_this_reader() -> None:
+    """napari's built-in reader claims every file and folder but cannot read NIfTI, so napari asks
+    which reader to use each time: make napari-unet the reader of .nii/.nii.gz files and of BraTS
+    folders, unless the user chose another."""
+    from napari.settings import get_settings
+
+    preferences = get_settings().plugins.extension2reader
+    missing = {pattern: "napari-unet" for pattern in ("*.nii", "*.nii.gz", BRATS_FOLDER_PATTERN)
+               if pattern not in preferences}
+    if missing:
+        get_settings().plugins.extension2reader = {**preferences, **missing}

@@ -113,8 +113,6 @@ def test_modality_dropout_keeps_a_channel_and_hides_only_optional_ones():
 def _hidden_channel_share(monkeypatch) -> list:
     """Records, for every training batch the network sees, the share of (sample, channel) pairs
     that are blank: how many modalities the fine-tune hid."""
-    import torch
-
     from napari_unet.unet import UNet
 
     shares, forward = [], UNet.forward

@@ -329,7 +329,7 @@ class CaseList(QObject):
             w._message("open a case first")
             return
         done = w.session.toggle_done()
-        w._refresh_review_list()
+        w.review.refresh_list()
         w.save()  # the list follows once the store has it
         w._message(f"{w.session.case_id}: " + ("done: every slice counts as reviewed" if done
                                                else "no longer done; its reviewed slices are kept"))
@@ -404,7 +404,7 @@ class CaseList(QObject):
         stop, store = self._stop, entry.store
 
         def work():
-            from napari_unet._qt.widget import _display_ready
+            from napari_unet._qt.wiring import display_ready
             from napari_unet.cases import read_case
             from napari_unet.layers import case_layer_data
             from napari_unet.session import AnnotationSession
@@ -420,7 +420,7 @@ class CaseList(QObject):
                 # A session of its own, never the store's: nothing of the case is written or read
                 # back until it opens, so a case being corrected elsewhere is never touched.
                 session = AnnotationSession(source, images, store, model=key[2])
-                result = _display_ready(session.predict(device=key[3], tta=key[4],
+                result = display_ready(session.predict(device=key[3], tta=key[4],
                                                         cancel=lambda: cancel.is_set() or stop.is_set()))
             except Exception as err:  # noqa: BLE001 (Cancelled, a case or model that cannot load:
                 # opening the case the ordinary way then says why, where the annotator looks)

@@ -11,79 +11,33 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QWidget
+from qtpy.QtCore import QEvent, Qt, QTimer
+from qtpy.QtWidgets import QFileDialog, QWidget
 
 from napari_unet import NapariUnetError
 from napari_unet._qt import widget_gui
 from napari_unet._qt.case_list import CaseList
+from napari_unet._qt.review import Review
 from napari_unet._qt.tasks import TaskRunner
-from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_NAMES, NECROTIC
+from napari_unet._qt.wiring import Bridge, disconnect, display_ready, emit, release, unwrapped
+from napari_unet._reader import prefer_this_reader
+from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, NECROTIC
 from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
+from napari_unet.store import DEFAULT_STORE_NAME, default_store
 
-DEFAULT_STORE = "napari-unet-corrections"
 WIDGET_NAME = "Tumour annotation (U-Net)"
 _KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next",
          "Alt-0": BACKGROUND, "Alt-1": NECROTIC, "Alt-2": EDEMA, "Alt-3": ENHANCING}
 AXIS_LABELS = ("axial", "coronal", "sagittal")  # the slices each axis's slider steps through
 
 
-class _Bridge(QObject):
-    """Carries progress and messages from worker threads to the GUI thread (queued signals)."""
-
-    progress = Signal(int, int, object)
-    saved = Signal(str, bool, object)  # text, is_error, the session saved
-    failed = Signal(str)  # a background task that nobody waits on went wrong
-
-
-def _display_ready(result):
-    """Uncertainty as 8 bits for display, converted in the worker: a quarter of the bytes to copy
-    on the GUI thread (the slice ranking uses the float scores, taken before)."""
-    prediction, warning = result
-    if prediction.uncertainty is not None:
-        prediction.uncertainty = np.round(prediction.uncertainty * 255).astype(np.uint8)
-    return prediction, warning
-
-
-def _emit(bridge: _Bridge, signal: str, *args) -> None:
-    """Emit from a worker thread; after the widget is gone there is no one to tell."""
-    try:
-        getattr(bridge, signal).emit(*args)
-    except RuntimeError:
-        pass
-
-
-# Folders are matched with a trailing separator; a BraTS case folder (and a dataset root) has
-# "BraTS" in its path in any case, whatever the release's naming.
-BRATS_FOLDER_PATTERN = "*[Bb][Rr][Aa][Tt][Ss]*/"
-
-
-def _prefer_our_reader_for_nifti() -> None:
-    """napari's built-in reader claims every file and folder but cannot read NIfTI, so napari asks
-    which reader to use each time: make napari-unet the reader of .nii/.nii.gz files and of BraTS
-    folders, unless the user chose another."""
-    from napari.settings import get_settings
-
-    preferences = get_settings().plugins.extension2reader
-    missing = {pattern: "napari-unet" for pattern in ("*.nii", "*.nii.gz", BRATS_FOLDER_PATTERN)
-               if pattern not in preferences}
-    if missing:
-        get_settings().plugins.extension2reader = {**preferences, **missing}
-
-
 def _case_key(source) -> tuple[str, str]:
     return source.case_id, source.path
-
-
-def _unwrapped(obj):
-    """The napari object behind the proxy that napari hands plugin widgets."""
-    return getattr(obj, "__wrapped__", obj)
 
 
 class AnnotationWidget(QWidget):
@@ -95,11 +49,10 @@ class AnnotationWidget(QWidget):
         self._store_chosen = False  # a store the user picked is kept for every case
         self._seen: set = set()  # the cases open at the last look, to tell a newly opened one
         self._warming: Future | None = None
-        self._review_next_at: int | None = None  # the slice Review next last went to
         self._released = False
         self._docked = False
         self._watched = weakref.WeakSet()  # the layers whose visibility is followed
-        self._bridge = _Bridge(self)  # a child: destroyed with the widget, so late signals go nowhere
+        self._bridge = Bridge(self)  # a child: destroyed with the widget, so late signals go nowhere
         self._bridge.saved.connect(self._on_saved)
         self._bridge.failed.connect(self._error)
         # Saving runs on its own thread: painting never waits for a NIfTI file to be written.
@@ -112,29 +65,30 @@ class AnnotationWidget(QWidget):
         self._edit_timer = QTimer(self, singleShot=True, interval=50)
         self._edit_timer.timeout.connect(self._collect_edits)
         self.cases = CaseList(self)  # the dataset open, if any: its panel is laid out with the others
+        self.review = Review(self)  # painting labels, review and the plane on screen
         widget_gui.build(self)
         self.tasks = TaskRunner(self.progress_bar, self.cancel_btn, self._message, self._error,
                                 lambda info: self.loss_plot.add(info["loss"]) if "loss" in info else None)
         self._bridge.progress.connect(self.tasks.on_progress)
         self._connections: list[tuple] = []  # (emitter, callback, its layer or None), disconnected on teardown
         self._key_handlers: list[tuple] = []  # (key, handler) bound on the viewer
-        self._release = functools.partial(_release, self.viewer, self._connections, self._key_handlers,
+        self._release = functools.partial(release, self.viewer, self._connections, self._key_handlers,
                                           self._saver, self._warmer, self.tasks.cancel_event)
         self.destroyed.connect(self._release)
         # Deferred: a reader adds several layers in a row; attach once they are all in.
         self._connect(self.viewer.layers.events.inserted, self._schedule_attach)
         self._connect(self.viewer.layers.events.removed, self._schedule_attach)
-        self._connect(self.viewer.dims.events.current_step, self._update_slice_label)
-        self._connect(self.viewer.dims.events.order, self._plane_changed)
-        self._connect(self.viewer.dims.events.ndisplay, self._plane_changed)
+        self._connect(self.viewer.dims.events.current_step, self.review.update_slice_label)
+        self._connect(self.viewer.dims.events.order, self.review.plane_changed)
+        self._connect(self.viewer.dims.events.ndisplay, self.review.plane_changed)
         for key, action in _KEYS.items():
             handler = (lambda v, a=action: getattr(self, a)()) if isinstance(action, str) \
                 else (lambda v, a=action: self.select_label(a))
             self.viewer.bind_key(key, handler, overwrite=True)
             self._key_handlers.append((key, handler))
-        _prefer_our_reader_for_nifti()
+        prefer_this_reader()
         self._attach()
-        self._plane_changed()
+        self.review.plane_changed()
 
     # ------------------------------------------------------------------ the case
     def _open_cases(self) -> dict[tuple, dict]:
@@ -154,14 +108,14 @@ class AnnotationWidget(QWidget):
 
     def _connect(self, emitter, callback, layer=None) -> None:
         emitter.connect(callback)
-        self._connections.append((emitter, callback, _unwrapped(layer) if layer is not None else None))
+        self._connections.append((emitter, callback, unwrapped(layer) if layer is not None else None))
 
     def _forget_removed_layers(self) -> None:
         """A connection to a layer no longer in the viewer would keep its data alive."""
-        present = {id(_unwrapped(layer)) for layer in self.viewer.layers}
+        present = {id(unwrapped(layer)) for layer in self.viewer.layers}
         for entry in [c for c in self._connections if c[2] is not None and id(c[2]) not in present]:
             self._connections.remove(entry)
-            _disconnect(*entry[:2])
+            disconnect(*entry[:2])
 
     def _edits_maybe(self, event=None) -> None:
         self._edit_timer.start()
@@ -226,7 +180,7 @@ class AnnotationWidget(QWidget):
 
     def _follow_visibility(self) -> None:
         for layer in self.viewer.layers:
-            real = _unwrapped(layer)
+            real = unwrapped(layer)
             if real not in self._watched and source_of(layer.metadata) is not None:
                 self._watched.add(real)
                 self._connect(layer.events.visible, self._visibility_changed, layer)
@@ -251,8 +205,9 @@ class AnnotationWidget(QWidget):
 
         source = source_of(next(iter(image_layers.values())).metadata)
         if not self._store_chosen:
-            parent = Path(source.path).parent if source.path else Path.home() / "napari-unet"
-            self.store_edit.setText(str(parent / DEFAULT_STORE))
+            # A case made in memory has no folder: a store in the user's home takes its place.
+            store = default_store(source.path) if source.path else Path.home() / "napari-unet" / DEFAULT_STORE_NAME
+            self.store_edit.setText(str(store))
         try:
             session = AnnotationSession(source, {m: layer.data for m, layer in image_layers.items()},
                                         self.store_edit.text(), model=self._combo_model())
@@ -261,7 +216,7 @@ class AnnotationWidget(QWidget):
             self._error(str(err))
             return
         self.session = session
-        self._review_next_at = None
+        self.review.next_at = None
         if not any(layer.visible for layer in image_layers.values()):  # else the contrast the user chose
             shown = image_layers.get("flair") or image_layers.get("image") or next(reversed(image_layers.values()))
             shown.visible = True
@@ -278,7 +233,7 @@ class AnnotationWidget(QWidget):
         else:
             text = f"{session.case_id}: ready; corrections go to {session.case_path}"
         self._message(text + (f" ({left} was saved and hidden)" if left else ""))
-        self._refresh_review_list()
+        self.review.refresh_list()
         self._warm_up()
 
     def _end_session(self, hide: bool) -> None:
@@ -301,8 +256,8 @@ class AnnotationWidget(QWidget):
                 if session.owns(source_of(other.metadata)):
                     other.visible = False
         self.session = self._annotation = None
-        self._review_next_at = None
-        self._refresh_review_list()
+        self.review.next_at = None
+        self.review.refresh_list()
 
     def _show_annotation(self, labels: np.ndarray) -> None:
         """The session's Labels layer on top, visible and selected; its case's uncertainty under it."""
@@ -317,9 +272,9 @@ class AnnotationWidget(QWidget):
         # Strokes, undo/redo and `data[...] = ...; refresh()` all end in one of these.
         for event in (layer.events.paint, layer.events.set_data, layer.events.data):
             self._connect(event, self._edits_maybe, layer)
-        self._connect(layer.events.selected_label, lambda e: self._check_label(layer), layer)
-        self._connect(layer.events.selected_label, self._show_paint_label, layer)
-        self._connect(layer.events.mode, self._show_paint_label, layer)
+        self._connect(layer.events.selected_label, lambda e: self.review.check_label(layer), layer)
+        self._connect(layer.events.selected_label, self.review.show_paint_label, layer)
+        self._connect(layer.events.mode, self.review.show_paint_label, layer)
         self._annotation = layer
         for other in self.viewer.layers:  # a reference segmentation would hide what is edited
             if other is not layer and self.session.owns(source_of(other.metadata)) \
@@ -327,7 +282,7 @@ class AnnotationWidget(QWidget):
                 other.visible = False
         self._uncertainty_layer()
         self._bring_to_top()
-        self._show_paint_label()
+        self.review.show_paint_label()
 
     def _bring_to_top(self) -> None:
         layer = self.annotation_layer
@@ -369,7 +324,7 @@ class AnnotationWidget(QWidget):
                 return
             err = future.exception()
             text = str(err) if isinstance(err, NapariUnetError) else f"{type(err).__name__}: {err}"
-            _emit(bridge, "failed", f"the model could not be loaded: {text}")
+            emit(bridge, "failed", f"the model could not be loaded: {text}")
 
         self._warming = self._warmer.submit(load)
         self._warming.add_done_callback(report)
@@ -435,7 +390,7 @@ class AnnotationWidget(QWidget):
         device, tta = self.device_combo.currentText(), self.tta_check.isChecked()
 
         def work():
-            return _display_ready(session.predict(
+            return display_ready(session.predict(
                 slices, device=device, tta=tta, cancel=self.tasks.cancel_event.is_set,
                 progress=lambda d, t: self._bridge.progress.emit(d, t, None)))
 
@@ -450,7 +405,7 @@ class AnnotationWidget(QWidget):
         layer = self.annotation_layer
         taken = session.merge_proposal(layer.data, prediction)  # in place: no new array for napari
         if len(prediction.computed_slices) > 1:
-            self._review_next_at = None  # a new ranking: Review next starts again from its top
+            self.review.next_at = None  # a new ranking: Review next starts again from its top
         layer.refresh()
         uncertainty = self._uncertainty_layer()
         uncertainty.data[prediction.computed_slices] = prediction.uncertainty[prediction.computed_slices]
@@ -468,35 +423,9 @@ class AnnotationWidget(QWidget):
         if self.session is not None:
             self._uncertainty_layer().visible = on
 
-    # ------------------------------------------------------------------ paint and review
+    # ------------------------------------------------------------------ paint and review (review.Review)
     def select_label(self, value: int) -> None:
-        """Paint with a tissue label (0: erase) on the annotation layer."""
-        layer = self.annotation_layer
-        if layer is None:
-            return
-        layer.selected_label = int(value)
-        layer.mode = "erase" if value == BACKGROUND else "paint"
-        self.viewer.layers.selection.active = layer
-        self._show_paint_label()  # (a click on the button already pressed changes nothing in napari)
-
-    def _show_paint_label(self, event=None) -> None:
-        """Press the Paint button of what the annotation layer paints with (the eraser in napari's
-        erase mode), whether chosen here, by key or in napari's own controls."""
-        layer = self.annotation_layer
-        active = None
-        if layer is not None:
-            active = BACKGROUND if str(layer.mode) == "erase" else int(layer.selected_label)
-        for value, button in self.label_buttons.items():
-            button.setChecked(value == active)
-
-    def _check_label(self, layer) -> None:
-        """Only the three tissue labels can be painted (napari's "new label" offers 4, 5, …)."""
-        value = int(layer.selected_label)
-        if value <= ENHANCING:
-            return
-        layer.selected_label = ENHANCING if value == 4 else NECROTIC
-        self._message(f"label {value} is not a tumour label here: painting with {layer.selected_label} "
-                      f"({LABEL_NAMES[layer.selected_label]}); the labels are 1, 2 and 3 (Alt-1 … Alt-3)")
+        self.review.select_label(value)
 
     def current_slice(self) -> int:
         return int(self.viewer.dims.current_step[0])
@@ -505,56 +434,13 @@ class AnnotationWidget(QWidget):
         self.viewer.dims.set_current_step(0, int(z))
 
     def view_plane(self) -> str:
-        """The plane on screen: "axial", "coronal", "sagittal" or "3D" (the display's axes are
-        superior, posterior, left; see cases.DISPLAY_AXCODES)."""
-        if self.viewer.dims.ndisplay == 3:
-            return "3D"
-        return {(1, 2): "axial", (2, 1): "axial", (0, 2): "coronal", (2, 0): "coronal",
-                (0, 1): "sagittal", (1, 0): "sagittal"}.get(tuple(self.viewer.dims.order[-2:]), "axial")
-
-    def _plane_changed(self, event=None) -> None:
-        # Array row 0 is the most inferior slice: drawn downwards, coronal and sagittal views
-        # would show the head upside down.
-        vertical_is_superior = self.viewer.dims.ndisplay == 2 and self.viewer.dims.order[-2] == 0
-        camera = self.viewer.camera
-        camera.orientation2d = ("up" if vertical_is_superior else "down", camera.orientation2d[1])
-        axial = self.view_plane() == "axial"
-        self.reviewed_btn.setEnabled(axial)
-        self.reviewed_btn.setToolTip("" if axial else "review is per axial slice: transpose back to the axial view")
-        self._update_slice_label()
+        return self.review.plane()
 
     def toggle_reviewed(self) -> None:
-        """Mark the current slice reviewed, or unmark it (it then takes new proposals again)."""
-        if self.session is None:
-            return
-        if self.view_plane() != "axial":
-            self._message(f"the view is {self.view_plane()}: review is per axial slice; "
-                          "napari's transpose button brings the axial view back")
-            return
-        z = self.current_slice()
-        self.session.set_reviewed(z, z not in self.session.reviewed)
-        self._refresh_review_list()
-        self._save_timer.start()
+        self.review.toggle_reviewed()
 
     def review_next(self) -> int | None:
-        """Go to the unreviewed slice where the model is least sure (again: the next one)."""
-        if self.session is None or self.session.slice_scores is None:
-            self._message("propose first: the ranking comes from the model's uncertainty")
-            return None
-        if self.view_plane() != "axial":  # the slice to review is an axial one: show it so
-            self.viewer.dims.ndisplay = 2
-            self.viewer.dims.order = (0, 1, 2)
-        # Pressed again on the slice it went to: the next one down. From anywhere else: the top.
-        again = self._review_next_at is not None and self.current_slice() == self._review_next_at
-        z = self.session.next_to_review(self._review_next_at if again else None)
-        self._review_next_at = z
-        if z is None:
-            self._message("every slice with brain has been reviewed")
-            return None
-        self.go_to_slice(z)
-        where = "the next down the ranking" if again else "the most among unreviewed slices"
-        self._message(f"slice {z}: about {self.session.slice_scores[z]:.0f} voxels the model is unsure of ({where})")
-        return z
+        return self.review.next()
 
     def _collect_edits(self) -> None:
         layer = self.annotation_layer
@@ -565,37 +451,8 @@ class AnnotationWidget(QWidget):
             layer.refresh()
             self._message(note)
         if changed:
-            self._refresh_review_list()
+            self.review.refresh_list()
             self._save_timer.start()
-
-    def _refresh_review_list(self) -> None:
-        self.cases.follow_session()
-        self.reviewed_list.clear()
-        if self.session is None:
-            self.slice_label.setText("no case open")
-            self.reviewed_btn.setText("Mark reviewed (Shift-R)")
-            self._show_paint_label()
-            return
-        for z in sorted(self.session.reviewed):
-            tag = " (edited)" if z in self.session.edited else ""
-            item = QListWidgetItem(f"slice {z}{tag}")
-            item.setData(Qt.UserRole, z)
-            self.reviewed_list.addItem(item)
-        self._update_slice_label()
-
-    def _update_slice_label(self, event=None) -> None:
-        if self.session is None:
-            return
-        plane = self.view_plane()
-        if plane != "axial":
-            self.slice_label.setText(
-                f"{self.session.case_id}, {plane} view: review is per axial slice; a stroke here marks "
-                f"each axial slice it touches edited · {len(self.session.reviewed)} reviewed")
-            return
-        z = self.current_slice()
-        state = "reviewed" if z in self.session.reviewed else "not reviewed"
-        self.slice_label.setText(f"{self.session.case_id}, slice {z}: {state} · {len(self.session.reviewed)} reviewed")
-        self.reviewed_btn.setText("Unmark (Shift-R)" if z in self.session.reviewed else "Mark reviewed (Shift-R)")
 
     # ------------------------------------------------------------------ save
     def save(self) -> Future | None:
@@ -620,9 +477,9 @@ class AnnotationWidget(QWidget):
             try:
                 path = session.save(snapshot)
             except (NapariUnetError, OSError) as err:
-                _emit(bridge, "saved", f"could not save the corrections of {session.case_id}: {err}", True, session)
+                emit(bridge, "saved", f"could not save the corrections of {session.case_id}: {err}", True, session)
                 raise
-            _emit(bridge, "saved", f"saved {_dt.datetime.now():%H:%M:%S} to {path}", False, session)
+            emit(bridge, "saved", f"saved {_dt.datetime.now():%H:%M:%S} to {path}", False, session)
             return path
 
         self._pending_save = self._saver.submit(write)
@@ -719,31 +576,3 @@ class AnnotationWidget(QWidget):
         self.cases.close()
         self._release()
         self.session = self._annotation = None
-
-
-def _disconnect(emitter, callback) -> None:
-    try:
-        emitter.disconnect(callback)
-    except (RuntimeError, TypeError, ValueError):
-        pass  # its layer is already gone
-
-
-def _release(viewer, connections: list, key_handlers: list, saver: ThreadPoolExecutor,
-             warmer: ThreadPoolExecutor, cancel: threading.Event) -> None:
-    """Undo what the widget connected. A plain function: it also runs from `destroyed`, when
-    napari deletes the widget with its window without closing it first."""
-    from napari.utils.key_bindings import coerce_keybinding
-
-    cancel.set()
-    while connections:
-        _disconnect(*connections.pop()[:2])
-    while key_handlers:
-        key, handler = key_handlers.pop()
-        try:
-            # Only while the key is still ours: a widget docked since may have bound it anew.
-            if _unwrapped(viewer.keymap.get(coerce_keybinding(key))) is handler:
-                viewer.bind_key(key, None)
-        except (KeyError, ValueError, RuntimeError):
-            pass
-    warmer.shutdown(wait=False, cancel_futures=True)  # nothing needs the model any more
-    saver.shutdown(wait=True)  # the last save finishes
