@@ -98,7 +98,7 @@ def load_store(store, modalities, norm: Normalisation, progress: Callable | None
     store = Path(store)
     if not store.is_dir():
         raise NapariUnetError(f"{store}: the corrections store must be a folder of cases")
-    if not any(store.iterdir()):
+    if not any(not p.name.startswith(".") for p in store.iterdir()):  # (a window's lock is no case)
         raise NapariUnetError(f"{store}: the corrections store is empty")
     out = []
     for path in _progress_iter(find_cases(store), progress):

@@ -29,6 +29,7 @@ from napari_unet._reader import prefer_this_reader
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, NECROTIC
 from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
 from napari_unet.store import DEFAULT_STORE_NAME, default_store
+from napari_unet.store_lock import StoreHolder, StoreInUse
 
 WIDGET_NAME = "Tumour annotation (U-Net)"
 _KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next",
@@ -72,8 +73,9 @@ class AnnotationWidget(QWidget):
         self._bridge.progress.connect(self.tasks.on_progress)
         self._connections: list[tuple] = []  # (emitter, callback, its layer or None), disconnected on teardown
         self._key_handlers: list[tuple] = []  # (key, handler) bound on the viewer
+        self._store = StoreHolder()  # the store this window annotates in, locked against other windows
         self._release = functools.partial(release, self.viewer, self._connections, self._key_handlers,
-                                          self._saver, self._warmer, self.tasks.cancel_event)
+                                          self._saver, self._warmer, self.tasks.cancel_event, self._store)
         self.destroyed.connect(self._release)
         # Deferred: a reader adds several layers in a row; attach once they are all in.
         self._connect(self.viewer.layers.events.inserted, self._schedule_attach)
@@ -208,6 +210,9 @@ class AnnotationWidget(QWidget):
             # A case made in memory has no folder: a store in the user's home takes its place.
             store = default_store(source.path) if source.path else Path.home() / "napari-unet" / DEFAULT_STORE_NAME
             self.store_edit.setText(str(store))
+        if not self._take_store(self.store_edit.text()):
+            self._store.release()  # no case open: the store left is free for others
+            return
         try:
             session = AnnotationSession(source, {m: layer.data for m, layer in image_layers.items()},
                                         self.store_edit.text(), model=self._combo_model())
@@ -365,12 +370,29 @@ class AnnotationWidget(QWidget):
 
     def set_store(self, path) -> None:
         """Save corrections under this folder, for this case and the next ones."""
+        if self.session is not None and not self._take_store(path):
+            self.store_edit.setText(str(self.session.store))
+            return
         self.store_edit.setText(str(path))
         self._store_chosen = True
         self.cases.refresh()  # the dataset's cases as this store holds them
         if self.session is not None:
             self.session.store = Path(path)
             self._save_timer.start()
+        elif cases := self._open_cases():  # a case refused its store (in use) starts in this one
+            self._switch(cases, next(reversed(cases)))
+
+    def _take_store(self, path) -> bool:  # giving back the one held; False if another window has it
+        try:
+            notice = self._store.hold(path)
+        except StoreInUse as err:
+            self._error(str(err))
+            return False
+        except NapariUnetError as err:  # a store that cannot be written: saving will say so
+            notice = str(err)
+        if notice:
+            self._warn(notice)
+        return True
 
     def _browse_store(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Corrections store")

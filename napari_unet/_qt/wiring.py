@@ -48,7 +48,7 @@ def disconnect(emitter, callback) -> None:
 
 
 def release(viewer, connections: list, key_handlers: list, saver: ThreadPoolExecutor,
-             warmer: ThreadPoolExecutor, cancel: threading.Event) -> None:
+             warmer: ThreadPoolExecutor, cancel: threading.Event, store) -> None:
     """Undo what the widget connected. A plain function: it also runs from `destroyed`, when
     napari deletes the widget with its window without closing it first."""
     from napari.utils.key_bindings import coerce_keybinding
@@ -66,3 +66,4 @@ def release(viewer, connections: list, key_handlers: list, saver: ThreadPoolExec
             pass
     warmer.shutdown(wait=False, cancel_futures=True)  # nothing needs the model any more
     saver.shutdown(wait=True)  # the last save finishes
+    store.release()  # only then may another window write the store

@@ -432,6 +432,28 @@ def test_closing_the_widget_saves_and_releases_keys(annotator, tmp_path, qtbot, 
     assert not bound & {str(k) for k in viewer.keymap}
 
 
+def test_a_second_window_on_the_same_store_is_refused_until_the_first_closes(annotator, make_napari_viewer,
+                                                                            case_a, tmp_path, qtbot):
+    viewer, first = annotator
+    z, y, x = 25, 40, 40
+    first.annotation_layer.paint((z, y, x), EDEMA, refresh=True)
+    second_viewer = make_napari_viewer()
+    second = _widget_with_case(second_viewer, case_a, qtbot, tmp_path / "other store")
+    second.annotation_layer.paint((z, y, x), ENHANCING, refresh=True)
+
+    second.set_store(tmp_path / "store")  # the first window's store
+    assert "another napari-unet window" in second.status.text()
+    assert second.session.store == tmp_path / "other store"  # it goes on saving where it did
+    assert second.store_edit.text() == str(tmp_path / "other store")
+
+    first.close()
+    assert _stored_labels(tmp_path / "store" / case_a.name)[z, y, x] == EDEMA
+    second.set_store(tmp_path / "store")  # free now
+    assert second.session.store == tmp_path / "store"
+    second.save().result()
+    assert _stored_labels(tmp_path / "store" / case_a.name)[z, y, x] == ENHANCING
+
+
 def test_the_default_store_is_beside_the_case_and_a_listed_slice_is_a_click_away(make_napari_viewer, case_a,
                                                                                tmp_path, qtbot):
     import shutil
