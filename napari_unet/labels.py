@@ -117,7 +117,10 @@ VOLUME_KEYS: tuple[str, ...] = (*(LABEL_NAMES[v] for v in (NECROTIC, EDEMA, ENHA
 
 def volumes_ml(labels: np.ndarray, voxel_ml: float) -> dict[str, float]:
     """Millilitres of each tissue and each BraTS region in canonical labels (`VOLUME_KEYS`)."""
-    counts = np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=ENHANCING + 1)
-    volumes = {LABEL_NAMES[v]: int(counts[v]) * voxel_ml for v in (NECROTIC, EDEMA, ENHANCING)}
-    volumes |= {name: sum(int(counts[v]) for v in values) * voxel_ml for name, values in REGIONS.items()}
+    labels = np.asarray(labels)
+    # One comparison per tissue: several times faster than a bincount of the whole volume (the
+    # widget recounts as the annotator paints).
+    counts = {v: int(np.count_nonzero(labels == v)) for v in (NECROTIC, EDEMA, ENHANCING)}
+    volumes = {LABEL_NAMES[v]: counts[v] * voxel_ml for v in (NECROTIC, EDEMA, ENHANCING)}
+    volumes |= {name: sum(counts[v] for v in values) * voxel_ml for name, values in REGIONS.items()}
     return volumes

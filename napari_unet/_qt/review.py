@@ -7,16 +7,19 @@ where Review next last went.
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidgetItem
 
-from napari_unet.labels import BACKGROUND, ENHANCING, LABEL_NAMES, NECROTIC
+from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC, volumes_ml
 
 
 class Review:
     def __init__(self, w):
         self.w = w
         self.next_at: int | None = None  # the slice Review next last went to
+        # Volumes are recounted once painting pauses (a few ms for a whole BraTS volume).
+        self.volumes_timer = QTimer(w, singleShot=True, interval=150)
+        self.volumes_timer.timeout.connect(self.show_volumes)
 
     # ------------------------------------------------------------------ paint
     def select_label(self, value: int) -> None:
@@ -38,6 +41,22 @@ class Review:
             active = BACKGROUND if str(layer.mode) == "erase" else int(layer.selected_label)
         for value, button in self.w.label_buttons.items():
             button.setChecked(value == active)
+
+    def show_volumes(self) -> None:
+        """The label legend: each tissue in its colour with its volume, and the BraTS regions."""
+        w = self.w
+        layer = w.annotation_layer
+        if w.session is None or layer is None:
+            w.volumes_label.setText("")
+            return
+        ml = volumes_ml(layer.data, w.session.source.voxel_ml)
+        swatches = []
+        for value in (NECROTIC, EDEMA, ENHANCING):  # one line, in the Paint buttons' colours
+            r, g, b, _ = (int(255 * c) for c in LABEL_COLORS[value])
+            swatches.append(f'<span style="color:rgb({r},{g},{b})">&#9632;</span>{ml[LABEL_NAMES[value]]:.1f}')
+        regions = " ".join(f"{k} {ml[k]:.1f}" for k in ("WT", "TC", "ET"))
+        w.volumes_label.setText(" ".join(swatches) + f" · {regions} mL")
+        w.volumes_label.setToolTip("<br>".join(f"{k}: {v:.2f} mL" for k, v in ml.items()))
 
     def check_label(self, layer) -> None:
         """Only the three tissue labels can be painted (napari's "new label" offers 4, 5, …)."""
@@ -108,6 +127,7 @@ class Review:
     def refresh_list(self) -> None:
         w = self.w
         w.cases.follow_session()
+        self.volumes_timer.start()  # a case opened or closed: its legend
         w.reviewed_list.clear()
         if w.session is None:
             w.slice_label.setText("no case open")

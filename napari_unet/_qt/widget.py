@@ -121,6 +121,7 @@ class AnnotationWidget(QWidget):
 
     def _edits_maybe(self, event=None) -> None:
         self._edit_timer.start()
+        self.review.volumes_timer.start()
 
     def _schedule_attach(self, event=None) -> None:
         QTimer.singleShot(0, self._attach)
@@ -478,11 +479,8 @@ class AnnotationWidget(QWidget):
 
     # ------------------------------------------------------------------ save
     def save(self) -> Future | None:
-        """Write the annotation and corrections.json to the store, on the saving thread.
-
-        The labels and the review state are copied here, on the GUI thread; the files are
-        written (atomically) in the background. Returns the Future of the write.
-        """
+        """Write the annotation and corrections.json to the store, on the saving thread (the labels
+        and review are copied here, on the GUI thread). Returns the Future of the write."""
         # Edits not collected yet go into this save, reviewed and with a BraTS 4 made 3: a save
         # timer can fire before the edit timer, and a raw 4 is no canonical label.
         self._edit_timer.stop()

@@ -105,9 +105,10 @@ def propose_panel(w) -> QGroupBox:
 
 
 def paint_panel(w) -> QGroupBox:
-    """One button per label, in its colour; the one painting with is shown pressed."""
+    """One button per label, in its colour; the one painting with is shown pressed; the volumes."""
     box = QGroupBox("Paint (Alt-0 … Alt-3)")
-    row = QHBoxLayout(box)
+    col = QVBoxLayout(box)
+    row = QHBoxLayout()
     w.label_buttons = {}
     for value in (NECROTIC, EDEMA, ENHANCING, BACKGROUND):
         name = "eraser" if value == BACKGROUND else LABEL_NAMES[value]
@@ -120,6 +121,10 @@ def paint_panel(w) -> QGroupBox:
         button.clicked.connect(lambda _=False, v=value: w.select_label(v))
         row.addWidget(button)
         w.label_buttons[value] = button
+    col.addLayout(row)
+    w.volumes_label = wrapping_label("")  # the legend: each label's colour and volume, as painted
+    w.volumes_label.setTextFormat(Qt.RichText)
+    col.addWidget(w.volumes_label)
     return box
 
 
@@ -141,7 +146,7 @@ def review_panel(w) -> QGroupBox:
     w.reviewed_list = QListWidget()
     w.reviewed_list.setMinimumHeight(2 * w.reviewed_list.fontMetrics().height() + 8)  # the rest of the dock's height
     w.reviewed_list.itemClicked.connect(lambda item: w.go_to_slice(int(item.data(Qt.UserRole))))
-    col.addWidget(QLabel("reviewed slices (click to jump):"))
+    w.reviewed_list.setToolTip("the reviewed slices: click one to go to it")  # (no caption line: room for rows)
     col.addWidget(w.reviewed_list)
     return box
 

@@ -769,6 +769,32 @@ def test_the_slider_paint_buttons_and_reviewed_list_say_what_they_show(annotator
     assert all(listed.viewport().rect().contains(listed.visualItemRect(listed.item(i))) for i in range(5))
 
 
+def test_the_legend_shows_each_label_s_volume_as_it_is_painted(annotator, qtbot, wait_idle, case_a):
+    import re
+
+    viewer, widget = annotator
+    wait_idle(widget)
+    layer = widget.annotation_layer
+    voxel_ml = float(np.prod(read_case(case_a).spacing)) / 1000  # an independent count, from the file
+
+    def expected() -> str:
+        data = np.asarray(layer.data)
+        n, e, et = (np.count_nonzero(data == v) * voxel_ml for v in (1, 2, 3))
+        return f"■{n:.1f} ■{e:.1f} ■{et:.1f} · WT {n + e + et:.1f} TC {n + et:.1f} ET {et:.1f} mL"
+
+    def legend() -> str:
+        return re.sub("<[^>]+>", "", widget.volumes_label.text()).replace("&#9632;", "■")
+
+    qtbot.waitUntil(lambda: legend() == expected(), timeout=WAIT)
+    before = legend()
+    widget.go_to_slice(30)
+    layer.brush_size = 40
+    layer.paint((30, 40, 40), EDEMA, refresh=True)  # a dab of the brush
+    qtbot.waitUntil(lambda: legend() == expected() != before, timeout=WAIT)
+    edema = np.count_nonzero(np.asarray(layer.data) == EDEMA) * voxel_ml
+    assert f"edema: {edema:.2f} mL" in widget.volumes_label.toolTip()
+
+
 # --------------------------------------------------------------------------- a dataset (issue 17)
 
 
