@@ -1,10 +1,13 @@
 """Atomic file writes: write beside the target under a hidden temporary name, then rename.
 
 A crash, a kill or a cancel in the middle leaves the previous file intact and no partial file.
+Also the checksum of a file's bytes, by which the store, the training cache and model records
+tell a file written whole from one changed or damaged since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -59,3 +62,12 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return stale
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in blocks (hashlib lets other threads run meanwhile)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -234,11 +234,50 @@ def _cmd_prepare(args) -> int:
         from napari_unet.cases import MODALITIES
 
         modalities, norm = MODALITIES, Normalisation()
+    verification, sources = _verify_for_repair(args, modalities, norm) if args.verify else (None, {})
     with progress_bar("preparing", "case") as update:
-        cases = prepare_cache(args.data, args.cache, modalities, norm, workers=args.workers, progress=update,
-                              log=lambda msg: print(msg, file=sys.stderr))
+        # The damaged cases' sources go along, for a case whose data lies outside the roots given.
+        cases = prepare_cache([*args.data, *sources.values()], args.cache, modalities, norm, workers=args.workers,
+                              progress=update, log=lambda msg: print(msg, file=sys.stderr))
     print(f"{len(cases)} case(s) ready in {args.cache}")
-    return 0
+    if verification is None:
+        return 0
+    return _report_verification(verification, sources, {c.case_id for c in cases})
+
+
+def _verify_for_repair(args, modalities, norm):
+    """--verify: check every cached case, and discard the damaged ones whose data is still there
+    so that preparing makes them again; returns (what was found, case id -> source to prepare)."""
+    from training.cache import discard_case, repair_sources, verify_cache
+
+    verification = verify_cache(args.cache, modalities, norm)
+    sources = repair_sources(verification.damaged, args.data)
+    for case_id in sources:
+        discard_case(args.cache, case_id)
+    return verification, sources
+
+
+def _report_verification(verification, sources: dict, ready: set) -> int:
+    """One line per damaged case and a summary; 1 when damage remains."""
+    remaining = 0
+    for damage in verification.damaged:
+        if damage.case_id in sources and damage.case_id in ready:
+            outcome = f"re-prepared from {sources[damage.case_id]}"
+        elif damage.case_id in sources:
+            outcome = f"NOT repaired: preparing it again from {sources[damage.case_id]} failed (see above)"
+        else:
+            outcome = "NOT repaired: its data is gone (give the folder holding it, or delete its files to drop it)"
+        remaining += outcome.startswith("NOT")
+        print(f"damaged: {damage} -> {outcome}")
+    found = len(verification.damaged)
+    summary = f"verified {verification.checked} cases: " + (
+        "none damaged" if not found else f"{found} damaged, re-prepared" if not remaining
+        else f"{found} damaged, {found - remaining} re-prepared, {remaining} not repaired")
+    if verification.unchecksummed:
+        summary += (f"; {len(verification.unchecksummed)} cached before checksums: decompressed whole, "
+                    "their content cannot be checked")
+    print(summary)
+    return 1 if remaining else 0
 
 
 def _cmd_finetune(args) -> int:
@@ -364,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", required=True, help="cache folder (made if missing; an interrupted run goes on)")
     p.add_argument("--workers", type=_whole(1), help="processes (default: one per CPU core)")
     p.add_argument("--model", help="prepare for this model's modalities and normalisation (default: a new model's)")
+    p.add_argument("--verify", action="store_true",
+                   help="first check every cached case against its checksum, and prepare the damaged ones again "
+                        "from their data; exit status 1 when damage remains")
     p.set_defaults(run=_cmd_prepare)
 
     p = sub.add_parser("train", help="train a model on BraTS roots (torchrun for several GPUs)",

@@ -37,7 +37,6 @@ or by another tool) is simply trusted.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.atomic import atomic_path, partial_path, partials_of, remove_stale_partials, write_text
+from napari_unet.atomic import atomic_path, file_sha256, partial_path, partials_of, remove_stale_partials, write_text
 from napari_unet.cases import CaseSource, labels_to_nifti, layout_paths, read_labels, write_case_files
 from napari_unet.labels import VOLUME_KEYS, volumes_ml
 
@@ -158,14 +157,6 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
             if tmp.exists():
                 tmp.unlink()
     return record_path.parent if record_path.name == CORRECTIONS_FILE else seg
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _committed_record(seg: Path, record_path: Path) -> Path:

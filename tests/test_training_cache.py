@@ -267,3 +267,112 @@ def test_ctrl_c_stops_training_with_a_message_and_no_half_written_model(cached, 
     assert err.rstrip().splitlines()[-1] == "napari-unet train: cancelled"
     assert [p.name for p in out.parent.iterdir() if not p.name.endswith(".checkpoint.pt")] == []
 
+
+
+# --------------------------------------------------------------------------- a damaged cache
+# The module's cache is copied first: these tests damage their copy.
+
+DAMAGED = "BraTS2021_00002"
+TINY_TRAIN = ["--steps", "2", "--batch-size", "2", "--patch", "32", "--base-channels", "4", "--depth", "2",
+              "--device", "cpu", "--val-fraction", "0", "--workers", "0"]
+
+
+@pytest.fixture
+def cache_copy(cached, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cached[0], copy)
+    return copy
+
+
+def _decoded(array_path) -> np.ndarray:
+    import blosc2
+
+    return blosc2.open(str(array_path), mode="r")[:]
+
+
+def _truncate(array_path) -> None:
+    """A partial copy: the first half of the file."""
+    data = array_path.read_bytes()
+    array_path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_inner_bytes(array_path) -> None:
+    """A bad disk: bytes inverted in the middle of the compressed slices, the header left whole."""
+    data = bytearray(array_path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    array_path.write_bytes(bytes(data))
+
+
+def test_a_truncated_case_array_is_skipped_and_training_goes_on(cache_copy, tmp_path, capsys):
+    array_path = cache_copy / "cases" / f"{DAMAGED}.b2nd"
+    _truncate(array_path)
+    out = tmp_path / "m.safetensors"
+    code = main(["train", "--cache", str(cache_copy), "--out", str(out), *TINY_TRAIN])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert f"skipped {DAMAGED}: {array_path}: " in err and "--verify" in err
+    assert load_model(out).metadata["training"]["cases"] == 2
+
+
+def test_a_cache_whose_every_case_is_damaged_is_a_clear_error(cache_copy):
+    for array_path in (cache_copy / "cases").glob("*.b2nd"):
+        _truncate(array_path)
+    with pytest.raises(NapariUnetError, match="every cached case is damaged"):
+        open_cache(cache_copy, MODALITIES, NORM)
+
+
+def test_flipped_bytes_inside_a_case_array_are_found_and_not_trained_on(cache_copy):
+    array_path = cache_copy / "cases" / f"{DAMAGED}.b2nd"
+    whole = _decoded(array_path)
+    _flip_inner_bytes(array_path)
+    assert not np.array_equal(_decoded(array_path), whole)  # blosc2 itself decodes the garbage without a word
+    messages = []
+    cases = open_cache(cache_copy, MODALITIES, NORM, log=messages.append)
+    assert DAMAGED not in [c.case_id for c in cases] and len(cases) == 2
+    assert any(DAMAGED in m and str(array_path) in m and "sha256 mismatch" in m for m in messages), messages
+
+
+def test_prepare_verify_prepares_a_damaged_case_again(root, cache_copy, capsys):
+    array_path = cache_copy / "cases" / f"{DAMAGED}.b2nd"
+    whole = _decoded(array_path)
+    _flip_inner_bytes(array_path)
+    code = main(["prepare", str(root), "--cache", str(cache_copy), "--verify", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"damaged: {DAMAGED}: {array_path}: " in out and "re-prepared from" in out
+    assert "verified 3 cases: 1 damaged, re-prepared" in out
+    messages = []
+    assert len(open_cache(cache_copy, MODALITIES, NORM, log=messages.append)) == 3 and not messages
+    np.testing.assert_array_equal(_decoded(array_path), whole)
+
+
+def test_prepare_verify_fails_when_a_damaged_case_has_no_data_left(root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    cache = tmp_path / "cache"
+    prepare_cache(data, cache, MODALITIES, NORM, workers=1)
+    _truncate(cache / "cases" / f"{DAMAGED}.b2nd")
+    shutil.rmtree(data / DAMAGED)
+    code = main(["prepare", str(data), "--cache", str(cache), "--verify", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f"damaged: {DAMAGED}: " in out and "NOT repaired: its data is gone" in out
+    assert "verified 3 cases: 1 damaged, 0 re-prepared, 1 not repaired" in out
+
+
+def test_a_cache_from_before_checksums_still_opens(cache_copy):
+    for record_path in (cache_copy / "cases").glob("*.json"):
+        record = json.loads(record_path.read_text())
+        del record["array_sha256"]
+        record_path.write_text(json.dumps(record))
+    cases = open_cache(cache_copy, MODALITIES, NORM)
+    assert len(cases) == 3
+    image, labels = cases[0].volume()
+    assert image.shape[1:] == labels.shape
+    # Without a checksum the header is still checked: a truncated case is skipped, not a traceback.
+    _truncate(cache_copy / "cases" / f"{DAMAGED}.b2nd")
+    messages = []
+    assert len(open_cache(cache_copy, MODALITIES, NORM, log=messages.append)) == 2
+    assert any(DAMAGED in m and "cannot be read as a blosc2 array" in m for m in messages), messages

@@ -7,7 +7,6 @@ deterministic CPU path, checkpoints of plain data written atomically, resume.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from napari_unet import NapariUnetError
-from napari_unet.atomic import atomic_path
+from napari_unet.atomic import atomic_path, file_sha256
 from napari_unet.labels import REGIONS, region_mask
 from napari_unet.metrics import dice
 from napari_unet.modelfile import LoadedModel, load_model, make_metadata, required_modalities, save_model
@@ -453,14 +452,6 @@ def train(
     model = UNet(config)
     return run(model, metadata, train_cases, settings, out=Path(out), val_cases=val_cases,
                resume=resume, progress=progress, cancel=cancel, log=log)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def self_replay(loaded: LoadedModel, cases: list[TrainCase], device: str = "cpu") -> list[TrainCase]:
