@@ -28,6 +28,7 @@ from napari_unet.labels import ENHANCING, LABEL_NAMES
 # BraTS 2017-2021 files and napari's "new label" button both lead annotators to paint 4, which
 # is enhancing tumour in those files; canonical enhancing is 3.
 _BRATS_ENHANCING = 4
+NOTHING_TO_TEACH = "review or correct some slices first: only reviewed slices teach the model"
 
 
 @dataclass
@@ -275,11 +276,16 @@ class AnnotationSession:
             path = folder / f"finetuned-{stamp}-{n}.safetensors"
         return path
 
+    @property
+    def teaches(self) -> bool:
+        """Whether this case has slices a fine-tune learns from (reviewed ones, or all when done)."""
+        return bool(self.reviewed or self.done)
+
     def finetune(self, *, steps: int | None = None, device: str = "auto", progress: Callable | None = None,
                  cancel: Callable | None = None):
         """Fine-tune the current model on the store (save first); the result becomes current."""
-        if not self.reviewed and not self.done:
-            raise NapariUnetError("review or correct some slices first: only reviewed slices teach the model")
+        if not self.teaches:
+            raise NapariUnetError(NOTHING_TO_TEACH)
         from training.loop import FINETUNE, finetune
 
         result = finetune(self.store, self.model_path, self.finetuned_model_path(),

@@ -18,6 +18,7 @@ from pathlib import Path
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QGroupBox,
@@ -72,6 +73,12 @@ def case_list_panel(w) -> QGroupBox:
     row.addWidget(w.next_case_btn, 1)
     row.addWidget(w.case_order_combo)
     part.addLayout(row)
+    # Off by default: training after every submitted case is what MONAI Label users find
+    # frustrating; the annotator chooses.
+    w.auto_finetune = QCheckBox("fine-tune when a case is done")
+    w.auto_finetune.setToolTip("after Case done, fine-tune the current model on the whole store; "
+                               "the next proposals come from the new model (shown under Model)")
+    part.addWidget(w.auto_finetune)
     w.dataset_part.setVisible(False)
     col.addWidget(w.dataset_part)
     return box
@@ -333,6 +340,8 @@ class CaseList(QObject):
         w.save()  # the list follows once the store has it
         w._message(f"{w.session.case_id}: " + ("done: every slice counts as reviewed" if done
                                                else "no longer done; its reviewed slices are kept"))
+        if done and w.auto_finetune.isChecked():
+            w.finetune()  # (it waits for the save just started)
 
     # ------------------------------------------------------------------ scores
     def score(self) -> None:

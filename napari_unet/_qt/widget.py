@@ -29,6 +29,7 @@ from napari_unet._reader import prefer_this_reader
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, NECROTIC
 from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
 from napari_unet.store import DEFAULT_STORE_NAME, default_store
+from napari_unet.session import NOTHING_TO_TEACH
 from napari_unet.store_lock import StoreHolder, StoreInUse
 
 WIDGET_NAME = "Tumour annotation (U-Net)"
@@ -510,8 +511,8 @@ class AnnotationWidget(QWidget):
         """Fine-tune the current model on the store; the result becomes the current model."""
         if self.tasks.refuse_if_busy():
             return None
-        if self.session is None or not self.session.reviewed:
-            self._error("review or correct some slices first: only reviewed slices teach the model")
+        if self.session is None or not self.session.teaches:
+            self._error(NOTHING_TO_TEACH)
             return None
         self._collect_edits()
         pending, session, device = self.save(), self.session, self.device_combo.currentText()

@@ -923,6 +923,38 @@ def test_case_done_is_recorded_shown_in_the_list_and_undone(make_napari_viewer, 
     assert widget.done_btn.isChecked()
 
 
+def test_fine_tuning_when_a_case_is_done_is_a_setting_off_by_default(make_napari_viewer, three_cases, tmp_path,
+                                                                      qtbot, wait_idle, monkeypatch):
+    import training.loop
+    from napari_unet.modelfile import load_model
+
+    monkeypatch.setattr(training.loop, "FINETUNE", training.loop.FINETUNE.updated(steps=3))  # a quick one
+    root, paths = three_cases
+    store = tmp_path / "store"
+    viewer = make_napari_viewer(show=True)
+    widget = _open_dataset(viewer, root, qtbot, monkeypatch, store)
+    a, b = paths[0].name, paths[1].name
+    assert not widget.auto_finetune.isChecked()
+    _click_case(widget, qtbot, a)
+    _opened(widget, qtbot, a)
+    wait_idle(widget)
+    qtbot.mouseClick(widget.done_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: (_store_record(store / a) or {}).get("done"), timeout=WAIT)
+    wait_idle(widget)
+    assert widget.model_path is None  # done, and no fine-tune
+
+    _click_case(widget, qtbot, b)
+    _opened(widget, qtbot, b)
+    wait_idle(widget)
+    qtbot.mouseClick(widget.auto_finetune, Qt.LeftButton)
+    qtbot.mouseClick(widget.done_btn, Qt.LeftButton)  # nothing painted or marked: done alone teaches
+    qtbot.waitUntil(lambda: widget.model_path is not None, timeout=WAIT)
+    wait_idle(widget)
+    taught = json.dumps(load_model(widget.model_path).metadata["training"]["corrections"])
+    assert a in taught and b in taught  # the whole store: both done cases
+    assert widget.model_combo.currentText() == widget.model_path.stem  # the model on screen is named
+
+
 def test_next_case_in_order_skips_cases_done(make_napari_viewer, three_cases, tmp_path, qtbot, monkeypatch):
     store = tmp_path / "store"
     widget, (a, b, c) = _first_case_in_order(make_napari_viewer, three_cases, store, qtbot, monkeypatch)
