@@ -10,6 +10,7 @@ from __future__ import annotations
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidgetItem
 
+from napari_unet.cases import MODALITIES
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, LABEL_COLORS, LABEL_NAMES, NECROTIC, volumes_ml
 
 
@@ -41,6 +42,23 @@ class Review:
             active = BACKGROUND if str(layer.mode) == "erase" else int(layer.selected_label)
         for value, button in self.w.label_buttons.items():
             button.setChecked(value == active)
+
+    def cycle_contrast(self) -> str | None:
+        """Show the case's next contrast under the annotation (T1, T1ce, T2, FLAIR, those it has),
+        the others hidden: the enhancing rim is judged on T1ce, edema on FLAIR."""
+        w = self.w
+        if w.session is None:
+            return None
+        layers = w._open_cases().get((w.session.case_id, w.session.source.path), {})
+        order = [m for m in MODALITIES if m in layers] or list(layers)
+        if not order:
+            return None
+        shown = [m for m in order if layers[m].visible]
+        following = order[(order.index(shown[-1]) + 1) % len(order)] if shown else order[0]
+        for m in order:
+            layers[m].visible = m == following
+        w._message(f"{w.session.case_id}: showing {layers[following].name} (Shift-C: the next contrast)")
+        return following
 
     def show_volumes(self) -> None:
         """The label legend: each tissue in its colour with its volume, and the BraTS regions."""

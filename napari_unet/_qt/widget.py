@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import operator
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,7 @@ from napari_unet.session import NOTHING_TO_TEACH
 from napari_unet.store_lock import StoreHolder, StoreInUse
 
 WIDGET_NAME = "Tumour annotation (U-Net)"
-_KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next",
+_KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next", "Shift-C": "review.cycle_contrast",
          "Alt-0": BACKGROUND, "Alt-1": NECROTIC, "Alt-2": EDEMA, "Alt-3": ENHANCING}
 AXIS_LABELS = ("axial", "coronal", "sagittal")  # the slices each axis's slider steps through
 
@@ -85,7 +86,7 @@ class AnnotationWidget(QWidget):
         self._connect(self.viewer.dims.events.order, self.review.plane_changed)
         self._connect(self.viewer.dims.events.ndisplay, self.review.plane_changed)
         for key, action in _KEYS.items():
-            handler = (lambda v, a=action: getattr(self, a)()) if isinstance(action, str) \
+            handler = (lambda v, a=action: operator.attrgetter(a)(self)()) if isinstance(action, str) \
                 else (lambda v, a=action: self.select_label(a))
             self.viewer.bind_key(key, handler, overwrite=True)
             self._key_handlers.append((key, handler))

@@ -16,6 +16,7 @@ from napari.utils.key_bindings import coerce_keybinding
 from napari_unet._qt.widget import _KEYS, AnnotationWidget
 from napari_unet.cases import read_case
 from napari_unet.labels import EDEMA, ENHANCING
+from napari_unet.layers import META_KEY
 from napari_unet.metrics import dice
 from napari_unet.synth import BRATS_SHAPE
 
@@ -520,7 +521,7 @@ def _ranking(widget) -> list[int]:
 
 
 def _case_layers(viewer, case_id: str, role: str | None = None) -> list:
-    from napari_unet.layers import META_KEY, source_of
+    from napari_unet.layers import source_of
 
     return [layer for layer in viewer.layers if (source_of(layer.metadata) or None) is not None
             and source_of(layer.metadata).case_id == case_id
@@ -608,8 +609,6 @@ def test_other_planes_show_the_head_upright_and_review_stays_axial(annotator, wa
 
 def test_an_earlier_case_comes_back_when_opened_or_shown_again_and_when_the_later_one_closes(
         annotator, case_a, case_b, qtbot, wait_idle):
-    from napari_unet.layers import META_KEY
-
     viewer, widget = annotator
     a, b = case_a.name, case_b.name
     z, y, x = 25, 40, 40
@@ -767,6 +766,26 @@ def test_the_slider_paint_buttons_and_reviewed_list_say_what_they_show(annotator
     listed = widget.reviewed_list
     assert listed.count() == 5
     assert all(listed.viewport().rect().contains(listed.visualItemRect(listed.item(i))) for i in range(5))
+
+
+def test_shift_c_cycles_the_contrast_under_the_annotation(annotator, press):
+    viewer, widget = annotator
+    images = {layer.name: layer for layer in viewer.layers
+              if layer.metadata.get(META_KEY, {}).get("role") == "image"}
+    assert len(images) == 4
+
+    def shown() -> list[str]:
+        return [name for name, layer in images.items() if layer.visible]
+
+    seen = []
+    for _ in range(4):
+        press(viewer, "C")
+        assert len(shown()) == 1 and widget.annotation_layer.visible  # one contrast, the annotation over it
+        seen.append(shown()[0])
+    assert sorted(seen) == sorted(images)  # every contrast, once each
+    press(viewer, "C")
+    assert shown() == [seen[0]]  # and round again
+    assert viewer.layers.index(widget.annotation_layer) == len(viewer.layers) - 1
 
 
 def test_the_legend_shows_each_label_s_volume_as_it_is_painted(annotator, qtbot, wait_idle, case_a):
