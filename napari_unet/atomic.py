@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,9 @@ from pathlib import Path
 
 # Temporary files are hidden and carry this mark, so no reader takes them for data.
 PARTIAL_MARK = ".partial-"
+# In a folder several runs may write into at once, a temporary file younger than this may be
+# another run's write in progress, not a killed one's leftover.
+SHARED_FOLDER_GRACE_S = 3600.0
 
 
 @contextmanager
@@ -26,10 +30,43 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = partial_path(final, suffix)
     try:
         yield tmp
-        os.replace(tmp, final)
+        commit(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary file onto `final`, its bytes on disk first. Without the syncs,
+    a power cut soon after a save can leave `final` empty or cut short on filesystems that may
+    persist a rename before the data (XFS, btrfs; ext4 only partly orders them)."""
+    sync_file(tmp)
+    os.replace(tmp, final)
+    sync_folder(final.parent)
+
+
+def sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX; Windows has no handle on a folder to sync)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (network mounts) refuse it; the rename stands
+    finally:
+        os.close(fd)
 
 
 def partial_path(final: str | os.PathLike, suffix: str = "") -> Path:
@@ -39,12 +76,14 @@ def partial_path(final: str | os.PathLike, suffix: str = "") -> Path:
     return final.with_name(f".{stem}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}{suffix}")
 
 
-def partials_of(final: str | os.PathLike) -> list[Path]:
-    """The temporary files left beside `final` by writes of it that did not finish."""
+def partials_of(final: str | os.PathLike, suffix: str = "") -> list[Path]:
+    """The temporary files left beside `final` by writes of it that did not finish (`suffix`: as
+    given to `partial_path`)."""
     final = Path(final)
     if not final.parent.is_dir():
         return []
-    return sorted(p for p in final.parent.glob(f".{final.name}{PARTIAL_MARK}*") if p.is_file())
+    stem = final.name[: -len(suffix)] if suffix and final.name.endswith(suffix) else final.name
+    return sorted(p for p in final.parent.glob(f".{stem}{PARTIAL_MARK}*{suffix}") if p.is_file())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -52,16 +91,22 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed writer left in `folder`; returns them."""
+def remove_stale_partials(folder: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder`; returns them. `min_age_s`:
+    only those older than that, where another process may be writing into the same folder now
+    (two runs of `predict` into one --out, two trainings on one cache)."""
     folder = Path(folder)
     stale = [p for p in folder.glob(f".*{PARTIAL_MARK}*") if p.is_file()] if folder.is_dir() else []
+    removed = []
     for path in stale:
         try:
+            if min_age_s and time.time() - path.stat().st_mtime < min_age_s:
+                continue
             path.unlink()
+            removed.append(path)
         except OSError:
             pass
-    return stale
+    return removed
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -90,13 +90,13 @@ def _output_file(path, what: str = "output"):
 def _output_folder(path):
     from pathlib import Path
 
-    from napari_unet.atomic import remove_stale_partials
+    from napari_unet.atomic import SHARED_FOLDER_GRACE_S, remove_stale_partials
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NapariUnetError(f"{path}: is a file; --out must be a folder")
     _writable_from(path, (path, *path.parents), "the outputs")  # made when the first file is written
-    remove_stale_partials(path)  # left by a run that was killed while writing
+    remove_stale_partials(path, SHARED_FOLDER_GRACE_S)  # left by a run that was killed while writing
     return path
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.atomic import atomic_path, file_sha256, partial_path, partials_of, remove_stale_partials, write_text
+from napari_unet.atomic import atomic_path, commit, file_sha256, partial_path, partials_of, sync_file, write_text
 from napari_unet.cases import CaseSource, labels_to_nifti, layout_paths, read_labels, write_case_files
 from napari_unet.labels import VOLUME_KEYS, volumes_ml
 
@@ -122,8 +122,11 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
         have = set(images or {}) | {m for m in source.files if m != "seg"}
         image_paths = {m: p for m, p in image_paths.items() if m in have}
     _finish_interrupted_save(seg, record_path)  # before its hidden record is swept away below
-    for folder in {seg.parent, record_path.parent, *(p.parent for p in image_paths.values())}:
-        remove_stale_partials(folder)
+    # This case's leftovers only: in a Decathlon store every case's files share imagesTr/, and
+    # another case's hidden record may be the one its readers must take (see _committed_record).
+    for final in (seg, record_path, *image_paths.values()):
+        for path in {*partials_of(final), *partials_of(final, _nifti_suffix(final))}:  # copied, or written
+            path.unlink(missing_ok=True)
     if not all(p.exists() for p in image_paths.values()):
         _write_images(store, source, image_paths, images)
     record = {
@@ -138,7 +141,7 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
         "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     img = labels_to_nifti(labels, source)
-    seg_tmp = partial_path(seg, ".nii.gz" if seg.name.lower().endswith(".gz") else ".nii")
+    seg_tmp = partial_path(seg, _nifti_suffix(seg))
     record_tmp = partial_path(record_path)
     committed = False
     try:
@@ -147,9 +150,10 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
         img.to_filename(str(seg_tmp))  # the temporary name keeps the extension: nibabel compresses by it
         record["segmentation_sha256"] = file_sha256(seg_tmp)
         record_tmp.write_text(json.dumps(record, indent=1))
-        os.replace(seg_tmp, seg)  # the commit: from here readers take the hidden record with it
+        sync_file(record_tmp)  # on disk before the commit names it
+        commit(seg_tmp, seg)  # the commit: from here readers take the hidden record with it
         committed = True
-        os.replace(record_tmp, record_path)
+        commit(record_tmp, record_path)
     finally:
         # Before the commit the previous state stands whole: drop the halves of the new one. After
         # it, a record that could not be renamed is still the one readers take; leave it.
@@ -157,6 +161,10 @@ def write(store: str | Path, source: CaseSource, labels: np.ndarray, corrections
             if tmp.exists():
                 tmp.unlink()
     return record_path.parent if record_path.name == CORRECTIONS_FILE else seg
+
+
+def _nifti_suffix(path: Path) -> str:
+    return ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
 
 
 def _committed_record(seg: Path, record_path: Path) -> Path:

@@ -71,3 +71,29 @@ def test_the_engine_post_processes_whole_volumes_only(tiny_model, dataset_factor
     some = np.flatnonzero((raw == ENHANCING).any(axis=(1, 2)))[:3]
     part = predictor.predict(predictor.prepare_case(case), slices=some).labels
     assert np.array_equal(part[some], raw[some])
+
+
+def test_proposals_are_post_processed_by_default_and_not_with_no_postprocess(tiny_model, dataset_factory, tmp_path,
+                                                                          monkeypatch):
+    """The default engine, and `predict` without a flag, apply the rules; `--no-postprocess` does
+    not. (Rules strict enough to change any proposal make the difference visible.)"""
+    from napari_unet.cases import read_case, read_labels
+    from napari_unet.cli import main
+    from napari_unet.modelfile import load_model
+    from napari_unet.predict import Predictor
+
+    strict = PostProcessing(min_enhancing_ml=1e6, island_fraction=1.0)
+    rules = PostProcessing.apply
+    monkeypatch.setattr(PostProcessing, "apply", lambda self, labels, voxel_ml: rules(strict, labels, voxel_ml))
+    path, _ = tiny_model
+    case_path = dataset_factory("brats2021", cases=1, seed=11)[0]
+    case = read_case(case_path)
+    assert (Predictor(load_model(path), "cpu", postprocess=None).predict_case(case).labels == ENHANCING).any()
+    assert not (Predictor(load_model(path), "cpu").predict_case(case).labels == ENHANCING).any()
+
+    assert main(["predict", str(case_path), "--out", str(tmp_path / "default"), "--model", str(path)]) == 0
+    assert main(["predict", str(case_path), "--out", str(tmp_path / "raw"), "--model", str(path),
+                 "--no-postprocess"]) == 0
+    default, raw = (read_labels(next((tmp_path / d).rglob("*.nii.gz")))[0] for d in ("default", "raw"))
+    assert not (default == 3).any() and (raw == 3).any() | (raw == 4).any()
+

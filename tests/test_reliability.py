@@ -341,6 +341,71 @@ def test_a_kill_while_saving_leaves_the_store_as_before_or_after(dataset_factory
         assert np.array_equal(labels, want[0]) and reviewed == want[1]
 
 
+def test_every_file_a_save_renames_into_place_is_on_disk_first(dataset_factory, tmp_path, monkeypatch):
+    """A rename can reach the disk before the data it names (XFS, btrfs): after a power cut the
+    store would hold an empty segmentation or record under its final name."""
+    import napari_unet.atomic as atomic
+    from napari_unet.modelfile import load_model, save_model
+    from napari_unet.session import AnnotationSession
+
+    synced, renamed = [], []
+    real_sync, real_replace = atomic.sync_file, os.replace
+
+    def sync_file(path):
+        synced.append(Path(path))
+        real_sync(path)
+
+    def replace(src, dst):
+        assert Path(src) in synced, f"{src} renamed onto {dst} before it was synced"
+        renamed.append(Path(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic, "sync_file", sync_file)
+    monkeypatch.setattr(os, "replace", replace)
+    case = read_case(dataset_factory("brats2021", cases=1)[0])
+    session = AnnotationSession(case.source, case.images, tmp_path / "store")
+    session.open_labels()
+    session.reviewed = {3}
+    session.save(session.snapshot(case.labels))
+    save_model(load_model(None).model, load_model(None).metadata, tmp_path / "model.safetensors")
+    names = {p.name for p in renamed}
+    assert {"corrections.json", "model.safetensors"} <= names and any(n.endswith("_seg.nii.gz") for n in names)
+
+
+def test_in_a_decathlon_store_saving_one_case_keeps_another_case_s_interrupted_save(dataset_factory, tmp_path):
+    """Decathlon cases share imagesTr/: a save of case B must not sweep away the hidden record that
+    case A's killed save left, or A's new labels would be read with A's old review."""
+    from napari_unet.session import AnnotationSession
+    from napari_unet.store import case_location, read_store_case
+
+    path_a, path_b = dataset_factory("msd", cases=2)
+    case_a, case_b = read_case(path_a), read_case(path_b)
+    store = tmp_path / "store"
+    tumour = np.flatnonzero(case_a.labels.reshape(case_a.labels.shape[0], -1).any(axis=1))
+    session = AnnotationSession(case_a.source, case_a.images, store)
+    session.open_labels()
+    session.reviewed = {int(tumour[0])}
+    session.save(session.snapshot(case_a.labels))
+    after_labels = case_a.labels.copy()
+    after_labels[tumour[len(tumour) // 2]] = 0
+    after_reviewed = {int(tumour[0]), int(tumour[len(tumour) // 2])}
+    np.save(tmp_path / "after.npy", after_labels)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", _KILLED_SAVER, str(path_a), str(store), str(tmp_path / "after.npy"),
+                          json.dumps(sorted(after_reviewed)), "2"], env=env, capture_output=True, text=True)
+    assert run.returncode == 9, run.stderr  # killed after its commit, before its record's rename
+
+    other = AnnotationSession(case_b.source, case_b.images, store)  # then another case is saved
+    other.open_labels()
+    other.save(other.snapshot(case_b.labels))
+
+    reopened = AnnotationSession(case_a.source, case_a.images, store)
+    assert np.array_equal(reopened.open_labels(), after_labels) and reopened.reviewed == after_reviewed
+    images, _, _ = case_location(store, case_a.source)
+    stored, corrections = read_store_case(next(iter(images.values())))
+    assert np.array_equal(stored.labels, after_labels) and corrections.reviewed == after_reviewed
+
+
 def test_training_never_pairs_labels_with_the_review_of_a_save_that_committed_while_it_read(
         dataset_factory, tmp_path, monkeypatch):
     """Training reads a store case's segmentation, then its record: an annotator's save landing
