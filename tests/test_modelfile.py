@@ -31,6 +31,31 @@ def test_round_trip_keeps_weights_and_metadata(small, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+def test_a_save_that_fails_midway_keeps_the_old_file_and_leaves_no_partial(small, tmp_path, monkeypatch):
+    """Saves are atomic: a write that dies halfway (a full disk) leaves the model that was there
+    byte for byte, says what went wrong, and leaves no temporary file behind."""
+    import safetensors.torch
+
+    model, meta = small
+    path = save_model(model, meta, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+
+    def half_a_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_a_file)
+    torch.manual_seed(1)
+    other = UNet(UNetConfig(base_channels=4, depth=2, padding="same", norm="batch"))
+    with pytest.raises(OSError, match="No space left on device"):
+        save_model(other, meta, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    monkeypatch.undo()
+    load_model(path)  # still a whole model
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ.get('PWNED_MARKER', '/tmp/pwned')}",))

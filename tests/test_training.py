@@ -253,32 +253,129 @@ def test_a_loss_that_turns_nan_writes_no_model(small_cases, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_the_model_file_holds_the_best_validated_weights(small_cases, tmp_path):
-    """Validated every step, the file holds the step with the best mean Dice: validating what it
-    holds gives that step's Dice again, not the last step's."""
-    from training.loop import validate
+def _scripted_validation(monkeypatch, means):
+    """Validation that gives the scripted mean Dice at each call, in turn: the best step is chosen."""
+    import training.loop as loop
+
+    calls = []
+
+    def scripted(model, metadata, cases, device):
+        calls.append(1)
+        value = means[len(calls) - 1]
+        return {"WT": value, "TC": value, "ET": value}
+
+    monkeypatch.setattr(loop, "validate", scripted)
+    return calls
+
+
+def test_the_model_file_holds_the_best_validated_weights(small_cases, tmp_path, monkeypatch):
+    """Validated every step, the file holds the step with the best mean Dice (step 3 of 6 here,
+    not the last), and says so."""
+    _scripted_validation(monkeypatch, [0.2, 0.5, 0.9, 0.3, 0.4, 0.6])
+    weights_at = {}
+
+    def keep_weights(step, total, **_):
+        weights_at[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     model, meta = _fresh()
     out = tmp_path / "m.safetensors"
-    result = run(model, meta, small_cases[:2], Settings(steps=12, val_every=1, lr=3e-2, **QUICK), out=out,
-                 val_cases=small_cases[2:])
-    history = {h["step"]: float(np.mean(list(h["val_dice"].values()))) for h in result.history}
-    best_step = max(history, key=history.get)
+    result = run(model, meta, small_cases[:2], Settings(steps=6, val_every=1, lr=3e-2, **QUICK), out=out,
+                 val_cases=small_cases[2:], progress=keep_weights)
     saved = load_model(out)
-    assert saved.metadata["training"]["selected"] == f"best validation Dice, at step {best_step}"
-    again = validate(saved.model, saved.metadata, small_cases[2:], torch.device("cpu"))
-    assert np.mean(list(again.values())) == pytest.approx(history[best_step], abs=1e-6)
-    if history[best_step] != history[12]:  # the last step was not the best: its weights are not the file's
-        assert np.mean(list(again.values())) != pytest.approx(history[12], abs=1e-6)
+    assert saved.metadata["training"]["selected"] == "best validation Dice, at step 3"
+    assert saved.metadata["training"]["validation_dice"] == {"WT": 0.9, "TC": 0.9, "ET": 0.9}
+    assert result.metadata["training"]["selected"] == "best validation Dice, at step 3"
+    state = saved.model.state_dict()
+    assert all(torch.equal(state[k], weights_at[3][k]) for k in state)
+    assert not all(torch.equal(state[k], weights_at[6][k]) for k in state)  # the last step's are others
+
+
+def _validation_run(**settings):
+    model, meta = _fresh()
+    kwargs = dict(steps=6, val_every=1, lr=3e-2, **QUICK)
+    kwargs.update(settings)
+    return model, meta, Settings(**kwargs)
+
+
+def test_training_over_a_model_leaves_it_as_it_was_when_cancelled_and_resumes_to_the_best(small_cases, tmp_path,
+                                                                                          monkeypatch):
+    """`out` is written only when training finishes: cancelled after validations that improved,
+    the model that was there is untouched; the best-so-far weights wait beside it with the
+    checkpoint that records them, and the resumed run writes the best of both parts."""
+    from training.loop import _best_path, _checkpoint_path, _selected_step
+
+    # Steps 1-3, cancelled; resumed from the checkpoint of step 2: steps 3-6 again.
+    _scripted_validation(monkeypatch, [0.2, 0.5, 0.4] + [0.4, 0.3, 0.9, 0.6])
+    out = tmp_path / "m.safetensors"
+    old, old_meta = _fresh(seed=7)
+    from napari_unet.modelfile import save_model
+
+    save_model(old, old_meta, out)
+    before = out.read_bytes()
+    model, meta, settings = _validation_run(checkpoint_every=100)  # no periodic checkpoint
+    seen = []
+    with pytest.raises(Cancelled, match="no model was written"):
+        run(model, meta, small_cases[:2], settings, out=out, val_cases=small_cases[2:],
+            progress=lambda step, total, **_: seen.append(step), cancel=lambda: len(seen) >= 3)
+    assert out.read_bytes() == before
+    assert _selected_step(_best_path(out)) == 2  # steps 1 and 2 improved
+    state = torch.load(_checkpoint_path(out), weights_only=True)
+    assert state["best"]["step"] == 2 and state["step"] == 2  # written with the best model, not later
+
+    resumed, meta = _fresh(seed=99)
+    result = run(resumed, meta, small_cases[:2], settings, out=out, val_cases=small_cases[2:], resume=True)
+    assert result.path == out and out.read_bytes() != before
+    assert load_model(out).metadata["training"]["selected"] == "best validation Dice, at step 5"
+    assert not _best_path(out).exists()  # moved onto `out`
+
+
+def test_a_loss_that_turns_nan_midway_leaves_the_previous_model(small_cases, tmp_path, monkeypatch):
+    """Diverging after a validation improved: `out` keeps its old bytes, and with no checkpoint
+    to resume from no best-so-far file is left either."""
+    import training.loop as loop
+
+    _scripted_validation(monkeypatch, [0.2, 0.5, 0.9, 0.3, 0.4, 0.6])
+    real, calls = loop.region_dice_ce, []
+
+    def turning_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 4 else loss
+
+    monkeypatch.setattr(loop, "region_dice_ce", turning_nan)
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"the previous model")
+    model, meta, settings = _validation_run()
+    with pytest.raises(NapariUnetError, match="diverged at step 4.*no model was written"):
+        run(model, meta, small_cases[:2], settings, out=out, val_cases=small_cases[2:], checkpoints=False)
+    assert out.read_bytes() == b"the previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
 def test_finetuning_keeps_the_base_models_batchnorm_statistics_and_takes_replay_data(tiny_model, dataset_factory,
-                                                                                      tmp_path):
+                                                                                      tmp_path, monkeypatch):
     store = _make_store(dataset_factory, tmp_path, per_case=2)
     replay_root = dataset_factory("brats2021", cases=2, seed=13, shape=TRAIN_SHAPE)[0].parent
     out = tmp_path / "new.safetensors"
+    import training.loop as loop
+
+    drawn = []  # (batch position's group, the source's path) of every patch trained on
+
+    class Spy(loop.PatchDataset):
+        def __getitem__(self, index):
+            group = self.position_group[index % self.batch_size]
+            rng = np.random.default_rng([self.seed, self.rank, int(index)])  # as PatchDataset picks the case
+            source = self.groups[group].sources[int(rng.choice(len(self.groups[group].sources),
+                                                               p=self.groups[group].case_p))]
+            drawn.append((group, str(source.provenance.get("path"))))
+            return super().__getitem__(index)
+
+    monkeypatch.setattr(loop, "PatchDataset", Spy)
     assert main(["finetune", str(store), "--model", str(tiny_model[0]), "--out", str(out), "--steps", "4",
                  "--device", "cpu", "--replay", str(replay_root)]) == 0
+    replayed = [path for group, path in drawn if group > 0]
+    assert replayed and all(path.startswith(str(replay_root)) for path in replayed)  # replay data in the batches
+    assert any(path.startswith(str(store)) for group, path in drawn if group == 0)  # and the corrections
     base, new = load_model(tiny_model[0]).model.state_dict(), load_model(out).model.state_dict()
     stats = [k for k in base if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(base[k], new[k]) for k in stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,22 +68,53 @@ def test_patches_from_the_cache_match_patches_from_memory(root, cached):
         assert np.abs(xd - xm).max() <= step / 2 + 0.01  # float16 in memory, 8-bit on disk
 
 
-def test_an_interrupted_prepare_goes_on_where_it_stopped(root, tmp_path):
+def test_an_interrupted_prepare_goes_on_where_it_stopped(root, tmp_path, monkeypatch):
+    """Cancelled after the first case, then killed while writing the second case's array: the
+    first case stays cached, no record is ever written before its array, and running again
+    prepares only what is missing."""
+    import blosc2
+
+    import training.cache as cache_module
+
+    class Killed(BaseException):  # as a kill: nothing catches it
+        pass
+
     cache = tmp_path / "cache"
+    real_asarray, real_write_text, writes = blosc2.asarray, cache_module.write_text, []
+
+    def dying_asarray(data, urlpath=None, **kwargs):
+        writes.append(urlpath)
+        if len(writes) == 1:  # the second case: half an array, then the process dies
+            Path(urlpath).write_bytes(b"half a file")
+            raise Killed()
+        return real_asarray(data, urlpath=urlpath, **kwargs)
+
+    def checked_write_text(path, text):
+        path = Path(path)
+        if path.parent.name == "cases":  # a case's record: its array must be whole already
+            assert path.with_suffix(".b2nd").is_file(), f"{path.name} written before its array"
+        real_write_text(path, text)
+
+    monkeypatch.setattr(cache_module, "write_text", checked_write_text)
     seen = []
     with pytest.raises(Cancelled, match="cancelled after 1 of 3"):
         prepare_cache(root, cache, MODALITIES, NORM, workers=1, progress=lambda d, t: seen.append(d),
                       cancel=lambda: len(seen) >= 2)
-    first = sorted((cache / "cases").glob("*.json"))
-    assert len(first) == 1
-    mtime = first[0].stat().st_mtime_ns
-    leftover = cache / "cases" / ".BraTS2021_00002.b2nd.partial-deadbeef.b2nd"  # a kill mid-write
-    leftover.write_bytes(b"half a file")
+    monkeypatch.setattr(blosc2, "asarray", dying_asarray)
+    with pytest.raises(Killed):
+        prepare_cache(root, cache, MODALITIES, NORM, workers=1)
+    assert len(writes) == 1 and "00002" in writes[0]  # it died on the second case
+    records = sorted((cache / "cases").glob("*.json"))
+    assert len(records) == 1 and all(r.with_suffix(".b2nd").is_file() for r in records)
+    mtime = records[0].stat().st_mtime_ns
+    monkeypatch.setattr(blosc2, "asarray", real_asarray)
     progress = []
     cases = prepare_cache(root, cache, MODALITIES, NORM, workers=1, progress=lambda d, t: progress.append((d, t)))
     assert progress[0] == (1, 3) and progress[-1] == (3, 3)  # the cached case was not done again
-    assert first[0].stat().st_mtime_ns == mtime
-    assert not leftover.exists() and len(cases) == 3
+    assert records[0].stat().st_mtime_ns == mtime
+    assert len(cases) == 3 and len(open_cache(cache, MODALITIES, NORM)) == 3
+    assert sorted(p.name for p in (cache / "cases").iterdir()) == sorted(
+        f"{c.case_id}{ext}" for c in cases for ext in (".b2nd", ".json"))  # no partial file left
 
 
 def test_a_cache_made_for_another_model_is_refused(cached, tmp_path):

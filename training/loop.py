@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from napari_unet import NapariUnetError
-from napari_unet.atomic import atomic_path, file_sha256
+from napari_unet.atomic import atomic_path, commit, file_sha256
 from napari_unet.labels import REGIONS, region_mask
 from napari_unet.metrics import dice
 from napari_unet.modelfile import LoadedModel, load_model, make_metadata, required_modalities, save_model
@@ -194,6 +194,29 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
         torch.save(payload, tmp)
 
 
+def _best_path(out: Path) -> Path:
+    """The hidden file beside `out` that holds the best validated model while training runs:
+    `out` itself is written only when training finishes, so a cancel, a divergence or a crash
+    leaves the model that was there before."""
+    return out.with_name("." + out.name.removesuffix(".safetensors") + ".best.safetensors")
+
+
+def _selected_step(path: Path) -> int | None:
+    """The step whose weights a model file written by `run` holds (None: not one of those)."""
+    import json
+
+    from safetensors import safe_open
+
+    from napari_unet.modelfile import META_KEY
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            selected = json.loads((f.metadata() or {})[META_KEY])["training"]["selected"]
+        return int(selected.rsplit(" ", 1)[-1])
+    except Exception:  # missing, unreadable, or no record of a selection: not the file wanted
+        return None
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -244,8 +267,9 @@ def run(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step, history = 0, []
-    best = None  # {"step": N, "dice": {region: Dice}} of the weights the model file holds
+    best = None  # {"step": N, "dice": {region: Dice}} of the weights the best-so-far file holds
     ckpt = _checkpoint_path(out) if (out is not None and (checkpoints or resume)) else None
+    best_file = _best_path(out) if out is not None else None
     if resume:
         if ckpt is None or not ckpt.exists():
             raise NapariUnetError(f"{ckpt}: no checkpoint to resume from")
@@ -259,6 +283,21 @@ def run(
             scaler.load_state_dict(state["scaler"])
         if master and log:
             log(f"resumed from {ckpt} at step {step}")
+    if master and best is not None and _selected_step(best_file) != best["step"]:
+        # The checkpoint is written right after each best-so-far file, so they agree unless the
+        # run was killed between the two writes, or the run had finished and moved the file onto
+        # `out` (resumed to train longer): then `out` holds those weights.
+        if _selected_step(out) == best["step"]:
+            import shutil
+
+            with atomic_path(best_file) as tmp:
+                shutil.copyfile(out, tmp)
+        else:
+            if log:
+                log(f"the best validated model of step {best['step']} is gone; choosing the best again from here")
+            best = None
+    if master and best is None and best_file is not None and best_file.exists():
+        best_file.unlink()  # left by an earlier run that did not finish
 
     def save_checkpoint():
         if master and ckpt is not None:
@@ -282,17 +321,24 @@ def run(
         return meta
 
     def validate_and_keep_best() -> dict:
-        """Validation Dice now; the model file holds the best weights seen so far."""
-        nonlocal best
+        """Validation Dice now; the best-so-far file holds the best weights seen so far."""
+        nonlocal best, improved
         val = validate(model, metadata, list(val_cases), device)
         if out is not None and (best is None or np.mean(list(val.values())) > np.mean(list(best["dice"].values()))):
             best = {"step": step, "dice": val}
             meta = finished_metadata(val)
             meta["training"]["selected"] = f"best validation Dice, at step {step}"
-            save_model(model, meta, out)
+            save_model(model, meta, best_file)
+            improved = True  # the checkpoint follows, so that its record of `best` matches the file
         return val
 
-    ema, stopped_early = None, False
+    def abandon() -> None:
+        """Training stops without a model: `out` was never touched; with no checkpoint to resume
+        from, the best-so-far file is of no more use."""
+        if master and ckpt is None and best_file is not None and best_file.exists():
+            best_file.unlink()
+
+    ema, stopped_early, improved = None, False, False
     lowest_ema, since_lowest = math.inf, 0
     net.train()
     if s.freeze_batchnorm:
@@ -305,6 +351,7 @@ def run(
     while step < s.steps:
         if cancel is not None and cancel():
             del batches
+            abandon()
             raise Cancelled("cancelled; no model was written")
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
@@ -320,6 +367,7 @@ def run(
         if start_weights:
             loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start_weights))
         if not torch.isfinite(loss):
+            abandon()
             raise NapariUnetError(f"training diverged at step {step + 1} (the loss is {float(loss)}); "
                                   "no model was written: check the data for bad values, or lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -342,8 +390,9 @@ def run(
         history.append(record)
         if master and progress:
             progress(step, s.steps, loss=round(ema, 4), **{k: round(v, 3) for k, v in record.get("val_dice", {}).items()})
-        if s.checkpoint_every and step % s.checkpoint_every == 0:
+        if (s.checkpoint_every and step % s.checkpoint_every == 0) or improved:
             save_checkpoint()
+            improved = False
         if s.early_stop_patience and since_lowest >= s.early_stop_patience:
             stopped_early = True
             break
@@ -355,6 +404,7 @@ def run(
                 if value.is_floating_point():
                     value.copy_(start_state[name] + s.blend * (value - start_state[name]))
     if not all(torch.isfinite(p).all() for p in model.parameters()):
+        abandon()
         raise NapariUnetError("training produced non-finite weights; no model was written")
     written, final_val = None, None
     if master and val_cases:
@@ -362,13 +412,14 @@ def run(
         final_val = last or validate_and_keep_best()
     meta = finished_metadata(final_val)
     if master and out is not None:
-        if best is not None:  # the model file already holds the best validated weights
+        save_checkpoint()
+        if best is not None:  # the best-so-far file holds the best validated weights: now they are the model
+            commit(best_file, out)
             written = out
             meta["training"]["selected"] = f"best validation Dice, at step {best['step']}"
             meta["training"]["validation_dice"] = {k: round(v, 4) for k, v in best["dice"].items()}
         else:
             written = save_model(model, meta, out)
-        save_checkpoint()
     if is_ddp:
         import torch.distributed as dist
 
