@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_unet import NapariUnetError
-from napari_unet.atomic import atomic_path, file_sha256, remove_stale_partials, write_text
+from napari_unet.atomic import SHARED_FOLDER_GRACE_S, atomic_path, file_sha256, remove_stale_partials, write_text
 from napari_unet.cases import find_cases, read_case
 from napari_unet.modelfile import input_stack, modality_spec
 from napari_unet.preprocess import Normalisation, prepare
@@ -241,7 +241,7 @@ def prepare_cache(
         raise NapariUnetError(f"{cache}: the cache must be a folder, and this is a file")
     (cache / "cases").mkdir(parents=True, exist_ok=True)
     open_settings(cache, modalities, norm, create=True)
-    remove_stale_partials(cache / "cases")
+    remove_stale_partials(cache / "cases", SHARED_FOLDER_GRACE_S)  # (another run may be preparing here)
     paths = dataset_cases(roots)
     todo = [p for p in paths if not _case_files(cache, case_key(p))[1].exists()]
     done, failures = len(paths) - len(todo), []
