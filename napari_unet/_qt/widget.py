@@ -21,14 +21,14 @@ from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtWidgets import QFileDialog, QWidget
 
 from napari_unet import NapariUnetError
-from napari_unet._qt import widget_gui
+from napari_unet._qt import case_layers, widget_gui
 from napari_unet._qt.case_list import CaseList
 from napari_unet._qt.review import Review
 from napari_unet._qt.tasks import TaskRunner
 from napari_unet._qt.wiring import Bridge, disconnect, display_ready, emit, release, unwrapped
 from napari_unet._reader import prefer_this_reader
 from napari_unet.labels import BACKGROUND, EDEMA, ENHANCING, NECROTIC
-from napari_unet.layers import META_KEY, labels_layer_kwargs, source_of
+from napari_unet.layers import META_KEY, source_of
 from napari_unet.store import DEFAULT_STORE_NAME, default_store
 from napari_unet.session import NOTHING_TO_TEACH
 from napari_unet.store_lock import StoreHolder, StoreInUse
@@ -268,29 +268,7 @@ class AnnotationWidget(QWidget):
         self.review.refresh_list()
 
     def _show_annotation(self, labels: np.ndarray) -> None:
-        """The session's Labels layer on top, visible and selected; its case's uncertainty under it."""
-        source = self.session.source
-        name = f"{source.case_id} annotation"
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        layer = self.viewer.add_labels(labels, **labels_layer_kwargs(source.case_id, source, name=name,
-                                                                     role="annotation"))
-        layer.opacity = 0.6
-        self.session.track(layer.data)
-        # Strokes, undo/redo and `data[...] = ...; refresh()` all end in one of these.
-        for event in (layer.events.paint, layer.events.set_data, layer.events.data):
-            self._connect(event, self._edits_maybe, layer)
-        self._connect(layer.events.selected_label, lambda e: self.review.check_label(layer), layer)
-        self._connect(layer.events.selected_label, self.review.show_paint_label, layer)
-        self._connect(layer.events.mode, self.review.show_paint_label, layer)
-        self._annotation = layer
-        for other in self.viewer.layers:  # a reference segmentation would hide what is edited
-            if other is not layer and self.session.owns(source_of(other.metadata)) \
-                    and other.metadata[META_KEY].get("role") == "labels":
-                other.visible = False
-        self._uncertainty_layer()
-        self._bring_to_top()
-        self.review.show_paint_label()
+        case_layers.show_annotation(self, labels)
 
     def _bring_to_top(self) -> None:
         layer = self.annotation_layer
@@ -301,17 +279,7 @@ class AnnotationWidget(QWidget):
         self.viewer.layers.selection.active = layer
 
     def _uncertainty_layer(self):
-        """The per-voxel uncertainty as an image layer (filled by proposals)."""
-        name = f"{self.session.case_id} uncertainty"
-        shape = self.session.shape
-        if name in self.viewer.layers and self.viewer.layers[name].data.shape == shape:
-            return self.viewer.layers[name]
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        return self.viewer.add_image(
-            np.zeros(shape, np.uint8), name=name, colormap="inferno", blending="additive", contrast_limits=(0, 255),
-            scale=self.session.source.spacing, visible=self.show_uncertainty.isChecked(),
-            metadata={META_KEY: {"source": self.session.source.to_dict(), "role": "uncertainty"}})
+        return case_layers.uncertainty_layer(self)
 
     def _warm_up(self) -> None:
         """Load torch and the model in the background while the user looks at the case.
