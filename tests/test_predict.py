@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import nibabel as nib
 import numpy as np
@@ -111,8 +113,14 @@ def test_predict_a_folder_of_cases_and_evaluate_folders(tiny_model, dataset_fact
     (tmp_path / "pred").mkdir()
     stale = tmp_path / "pred" / f".{cases[0].name}.partial-0badc0de.nii.gz"  # a killed run's half file
     stale.write_bytes(b"half a file")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    running = tmp_path / "pred" / f".{cases[1].name}.partial-0000beef.nii.gz"  # another run writing now
+    running.write_bytes(b"being written")
     assert main(["predict", str(cases[0].parent), "--out", str(tmp_path / "pred"), "--model", str(tiny_model[0])]) == 0
     assert not stale.exists()
+    assert running.exists()  # another run's write in progress is left alone
+    running.unlink()
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{c.name}.nii.gz" for c in cases]
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "pred"), str(cases[0].parent), "--json", str(tmp_path / "e.json")]) == 0
