@@ -29,7 +29,7 @@ class Edit:
         return not self.changed
 
 
-def _finish(before: np.ndarray, after: np.ndarray, protect: Iterable[int]) -> Edit:
+def finish_edit(before: np.ndarray, after: np.ndarray, protect: Iterable[int]) -> Edit:
     protect = [z for z in protect if 0 <= z < before.shape[0]]
     after[protect] = before[protect]
     diff = (after != before).reshape(before.shape[0], -1).any(axis=1)
@@ -88,7 +88,7 @@ def fill_between(labels: np.ndarray, first: int, last: int, label: int, protect:
     out = labels.copy()
     inner = out[lo + 1 : hi]
     inner[filled[1:-1]] = label
-    return _finish(labels, out, protect)
+    return finish_edit(labels, out, protect)
 
 
 def remove_small_pieces(labels: np.ndarray, voxel_ml: float, min_ml: float, protect: Iterable[int] = ()) -> Edit:
@@ -102,7 +102,7 @@ def remove_small_pieces(labels: np.ndarray, voxel_ml: float, min_ml: float, prot
     if n:
         sizes = np.bincount(pieces.ravel())[1:] * voxel_ml
         out[np.isin(pieces, np.flatnonzero(sizes < min_ml) + 1)] = 0
-    return _finish(labels, out, protect)
+    return finish_edit(labels, out, protect)
 
 
 def keep_pieces_at(labels: np.ndarray, points: Iterable[tuple[int, int, int]], protect: Iterable[int] = ()) -> Edit:
@@ -123,7 +123,7 @@ def keep_pieces_at(labels: np.ndarray, points: Iterable[tuple[int, int, int]], p
         raise NapariUnetError("keep pieces: no point lies on the tumour; nothing was removed")
     out = labels.copy()
     out[(pieces > 0) & ~np.isin(pieces, list(keep))] = 0
-    return _finish(labels, out, protect)
+    return finish_edit(labels, out, protect)
 
 
 def fill_core_holes(labels: np.ndarray, protect: Iterable[int] = ()) -> Edit:
@@ -138,5 +138,5 @@ def fill_core_holes(labels: np.ndarray, protect: Iterable[int] = ()) -> Edit:
         solid[z] |= ndimage.binary_fill_holes(core[z])
     out = labels.copy()
     out[solid & ~core] = NECROTIC
-    return _finish(labels, out, protect)
+    return finish_edit(labels, out, protect)
 

@@ -235,6 +235,31 @@ class Predictor:
             scores = _slice_scores(uncertainty, todo)
         return Prediction(labels, uncertainty, todo, time.perf_counter() - start, scores)
 
+    def log_probabilities(self, volume: PreparedVolume, slices: Sequence[int]) -> np.ndarray:
+        """The network's log-probabilities per class on `slices` (absolute axial indices, each
+        holding brain), as (len(slices), classes, Yc, Xc) float16 over the crop's in-plane box;
+        -30 for every class but background outside the brain. What click prompts weigh."""
+        import torch
+
+        zs = np.asarray(list(slices), dtype=int)
+        rel = zs - volume.box[0].start
+        if zs.size and (rel.min() < 0 or rel.max() >= volume.crop.shape[1]):
+            raise NapariUnetError(f"slices {zs.min()}-{zs.max()} lie outside the brain's box")
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        batch = self._batch_size(volume.crop.shape[2:])
+        parts = []
+        with torch.inference_mode(), autocast:
+            for first in range(0, len(zs), batch):
+                idx = rel[first : first + batch]
+                x = torch.from_numpy(np.ascontiguousarray(volume.crop[:, idx].transpose(1, 0, 2, 3))).to(self.device)
+                logp = torch.log(self._probabilities(x.contiguous(memory_format=torch.channels_last)).clamp_min(1e-13))
+                outside = torch.from_numpy(~volume.mask[idx]).to(self.device)
+                logp[:, 1:] = torch.where(outside[:, None], torch.full_like(logp[:, 1:], -30.0), logp[:, 1:])
+                logp[:, 0] = torch.where(outside, torch.zeros_like(logp[:, 0]), logp[:, 0])
+                parts.append(logp.to(torch.float16).cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, 0) + volume.crop.shape[2:], np.float16)
+
     # ------------------------------------------------------------------ internals
     def _probabilities(self, x):
         import torch

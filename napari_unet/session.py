@@ -63,6 +63,7 @@ class AnnotationSession:
         self._before_edit: dict[int, tuple[np.ndarray, bool]] = {}
         self._predictor = self._predictor_key = None
         self._prepared = self._prepared_key = None
+        self._evidence = None  # the click prompts' ClickEvidence, for the predictor above
         self._lock = threading.Lock()  # the predictor is built on a worker thread
 
     # ------------------------------------------------------------------ identity
@@ -246,16 +247,10 @@ class AnnotationSession:
 
         Out of GPU memory, it carries on on the CPU and says so.
         """
-        from napari_unet.modelfile import input_stack
         from napari_unet.predict import resolve_device
 
         predictor = self.predictor(device, tta)
-        key = (predictor.modalities, tuple(predictor.metadata.get("required_modalities", ())))
-        if self._prepared_key != key:
-            self._prepared = predictor.prepare(input_stack(predictor.metadata, self.images,
-                                                           self.source.path or self.case_id),
-                                               voxel_ml=self.source.voxel_ml)
-            self._prepared_key = key
+        self._prepare(predictor)
         kwargs = dict(slices=slices, with_uncertainty=True, progress=progress, cancel=cancel)
         try:
             return predictor.predict(self._prepared, **kwargs), None
@@ -264,6 +259,31 @@ class AnnotationSession:
                 raise
             prediction = self.predictor("cpu", tta).predict(self._prepared, **kwargs)
             return prediction, "GPU out of memory: ran on the CPU"
+
+    def _prepare(self, predictor) -> None:
+        from napari_unet.modelfile import input_stack
+
+        key = (predictor.modalities, tuple(predictor.metadata.get("required_modalities", ())))
+        if self._prepared_key != key:
+            self._prepared = predictor.prepare(input_stack(predictor.metadata, self.images,
+                                                           self.source.path or self.case_id),
+                                               voxel_ml=self.source.voxel_ml)
+            self._prepared_key = key
+
+    def click_evidence(self, device: str = "auto"):
+        """What click prompts weigh: the current model's log-probabilities on this case, computed
+        slice by slice as clicks need them and kept until the model changes."""
+        from napari_unet.prompts import ClickEvidence
+
+        predictor = self.predictor(device)
+        self._prepare(predictor)
+        if self._evidence is None or self._evidence.predictor is not predictor \
+                or self._evidence.volume is not self._prepared:
+            self._evidence = ClickEvidence(predictor, self._prepared)
+        return self._evidence
+
+    def has_click_evidence(self) -> bool:
+        return self._evidence is not None and self._evidence.predictor is self._predictor
 
     def finetuned_model_path(self) -> Path:
         """Where the next fine-tuned model goes: beside the store, named by the time."""

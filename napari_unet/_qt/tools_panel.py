@@ -1,5 +1,5 @@
 """The "Correct" panel: fill between slices, remove small pieces, keep the clicked piece, fill
-holes in the core (the Qt-free tools of `napari_unet.edits`).
+holes in the core (the Qt-free tools of `napari_unet.edits`), and click prompts (`_qt.clicks`).
 
 Each tool runs on a copy of the labels through the widget's TaskRunner (the first fill imports
 ITK, about 15 s cold, and a 240x240x155 case's pieces take a moment to label), and its result
@@ -19,6 +19,7 @@ from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QGroupBox, QHBoxLayout, QP
 
 from napari_unet import NapariUnetError
 from napari_unet import edits
+from napari_unet._qt.clicks import click_row
 from napari_unet.labels import ENHANCING, LABEL_NAMES
 
 DEFAULT_MIN_ML = 0.5
@@ -58,6 +59,8 @@ def correct_panel(w) -> QGroupBox:
     for button in (w.fill_between_btn, w.fill_holes_btn, w.keep_piece_btn):
         row.addWidget(button)
     col.addLayout(row)
+
+    col.addLayout(click_row(w))
 
     w.remove_pieces_btn = QPushButton("Remove pieces <")
     w.remove_pieces_btn.setToolTip("remove every connected piece of tumour smaller than this")
@@ -229,8 +232,9 @@ class CorrectTools:
         # A case marked done has every slice reviewed, whatever its list says.
         return set(range(session.shape[0])) if session.done else set(session.reviewed)
 
-    def _run(self, session, layer, labels: np.ndarray, work, what: str, napari_bar: bool = False):
-        """`work` (on a worker thread, on the copy `labels`) returns (Edit, what to say)."""
+    def _run(self, session, layer, labels: np.ndarray, work, what: str, napari_bar: bool = False, landed=None):
+        """`work` (on a worker thread, on the copy `labels`) returns (Edit, what to say); `landed`
+        is told the result once the edit is in the layer."""
         protected = bool(self._protect(session))
 
         def done(result):
@@ -249,6 +253,8 @@ class CorrectTools:
             _apply(layer, labels, edit)
             self.w._collect_edits()  # now, not in 50 ms: the lists match the message
             self.w._message(text)
+            if landed is not None:
+                landed(result)
 
         return self.w.tasks.start(work, done, what, napari_bar=napari_bar)
 

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import QFileDialog, QWidget
 from napari_unet import NapariUnetError
 from napari_unet._qt import case_layers, widget_gui
 from napari_unet._qt.case_list import CaseList
+from napari_unet._qt.clicks import CLICK_KEY
 from napari_unet._qt.review import Review
 from napari_unet._qt.tasks import TaskRunner
 from napari_unet._qt.wiring import Bridge, disconnect, display_ready, emit, release, unwrapped
@@ -35,6 +36,7 @@ from napari_unet.store_lock import StoreHolder, StoreInUse
 
 WIDGET_NAME = "Tumour annotation (U-Net)"
 _KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next", "Shift-C": "review.cycle_contrast",
+         CLICK_KEY: "click_prompts.toggle",
          "Alt-0": BACKGROUND, "Alt-1": NECROTIC, "Alt-2": EDEMA, "Alt-3": ENHANCING}
 AXIS_LABELS = ("axial", "coronal", "sagittal")  # the slices each axis's slider steps through
 

@@ -191,3 +191,87 @@ def test_a_widget_closed_while_waiting_for_the_click_leaves_the_viewer_as_it_was
     qtbot.waitUntil(lambda: layer.mode == "paint", timeout=WAIT)
     np.testing.assert_array_equal(layer.data, before)  # nothing kept, nothing painted
     assert not [c for c in viewer.mouse_drag_callbacks if getattr(c, "__self__", None) is widget.correct_tools]
+
+
+# --------------------------------------------------------------------------- click prompts
+
+
+def _ball(shape, centre, radii) -> np.ndarray:
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip((zz, yy, xx), centre, radii)) <= 1
+
+
+def test_clicks_on_the_canvas_add_and_remove_in_3d_each_one_undo_step_and_keep_reviewed_slices(
+        shown, qtbot, wait_idle, press):
+    """K, then a left click with edema chosen fills a hole cut through the tumour on the clicked
+    and neighbouring slices (the shipped network's evidence), a reviewed slice stays as it was; a
+    right click takes the clicked region away; Ctrl-Z undoes one click whole."""
+    viewer, widget = shown
+    layer = widget.annotation_layer
+    truth = np.array(viewer.layers[f"{widget.session.case_id} tumour"].data)
+    z = int(np.argmax((truth == EDEMA).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(truth[z] == EDEMA)
+    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    point = (z, int(ys[i]), int(xs[i]))
+    hole = _ball(truth.shape, point, (2, 3, 3)) & (truth == EDEMA)
+    proposal = truth.copy()
+    proposal[hole] = 0
+    _as_proposal(widget, proposal)
+    widget.go_to_slice(z + 1)
+    _click(qtbot, widget.reviewed_btn)
+    widget.go_to_slice(z)
+    viewer.camera.center = layer.data_to_world(point)[1:]  # the canvas's centre on the clicked voxel
+    _click(qtbot, widget.label_buttons[EDEMA])
+
+    press(viewer, "K", modifier=Qt.NoModifier)
+    assert widget.click_btn.isChecked() and layer.mode == "pan_zoom"
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.mouseClick(canvas, Qt.LeftButton, pos=canvas.rect().center())
+    qtbot.waitUntil(lambda: widget.status.text().startswith("edema click"), timeout=WAIT)
+    wait_idle(widget)
+    after_first = np.array(layer.data)
+    assert after_first[point] == EDEMA
+    back = (after_first == EDEMA) & hole
+    assert {z - 1, z, z - 2} <= set(np.flatnonzero(back.any(axis=(1, 2))).tolist())  # in 3D
+    np.testing.assert_array_equal(after_first[z + 1], proposal[z + 1])  # reviewed: kept
+    assert back.sum() >= 0.6 * hole.sum()
+    assert z in widget.session.edited and z - 1 in widget.session.edited  # taught like a stroke
+    clicks = viewer.layers["clicks"]
+    assert len(clicks.data) == 1 and viewer.layers.selection.active is layer  # Ctrl-Z stays on the labels
+
+    # A right click on the same voxel: the slices the first click made are still open to clicks.
+    qtbot.mouseClick(canvas, Qt.RightButton, pos=canvas.rect().center())
+    qtbot.waitUntil(lambda: widget.status.text().startswith("background click"), timeout=WAIT)
+    wait_idle(widget)
+    assert layer.data[point] == 0
+    assert len(clicks.data) == 2 and list(clicks.symbol[:2]) != [clicks.symbol[0]] * 2  # shown differently
+    press(viewer, "Z", modifier=Qt.ControlModifier)
+    np.testing.assert_array_equal(layer.data, after_first)  # the right click undone, whole
+    press(viewer, "Z", modifier=Qt.ControlModifier)
+    np.testing.assert_array_equal(layer.data, proposal)
+    qtbot.waitUntil(lambda: widget.session.reviewed == {z + 1}, timeout=WAIT)  # undone: no longer reviewed
+
+    # A false island in the other hemisphere, on three slices: one right click removes it whole.
+    widget.go_to_slice(z - 2)
+    island_at = (z - 2, point[1], truth.shape[2] - 1 - point[2])
+    assert not truth[island_at]
+    island = _ball(truth.shape, island_at, (1, 2, 2)) & (truth == 0)
+    with_island = proposal.copy()
+    with_island[island] = EDEMA
+    _as_proposal(widget, with_island)
+    viewer.camera.center = layer.data_to_world(island_at)[1:]
+    qtbot.mouseClick(canvas, Qt.RightButton, pos=canvas.rect().center())
+    qtbot.waitUntil(lambda: layer.data[island_at] == 0, timeout=WAIT)
+    wait_idle(widget)
+    np.testing.assert_array_equal(layer.data, proposal)  # the island gone on its three slices, nothing else
+    assert set(np.flatnonzero(island.any(axis=(1, 2)))) == {z - 3, z - 2, z - 1}
+    press(viewer, "Z", modifier=Qt.ControlModifier)
+    np.testing.assert_array_equal(layer.data, with_island)
+
+    # Back to painting with K; a click on a reviewed slice is refused with a message.
+    press(viewer, "K", modifier=Qt.NoModifier)
+    assert not widget.click_btn.isChecked() and layer.mode == "paint"
+    widget.click_prompts.click((z + 1,) + point[1:], EDEMA)
+    wait_idle(widget)
+    assert f"slice {z + 1} is reviewed" in widget.status.text()
+    np.testing.assert_array_equal(layer.data, with_island)
