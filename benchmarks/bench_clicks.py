@@ -16,9 +16,10 @@ errors count and a positive click says edema. Clicks go through `napari_unet.pro
 widget's do (nothing reviewed).
 
 Per case: Dice WT/TC/ET after 0, 1, 3, 5 and 10 clicks, clicks to reach WT 0.90 (NoC@90, 20 when
-never), seconds per click (the network's evidence for the slices the click reaches, computed when
-first needed, included), and the slices a simulated painter corrects worst-first to reach WT 0.90
-and TC 0.85 (benchmarks/bench_stream.py's annotator, without fine-tuning). The last line:
+never), seconds per click after a proposal (whose log-probabilities the clicks weigh, as in the
+widget) and for a click before any proposal (the network run on the slices it reaches), and the
+slices a simulated painter corrects worst-first to reach WT 0.90 and TC 0.85 (bench_stream.py's
+annotator, without fine-tuning). The last line:
 `clicks: N cases, NoC@90 WT 4.2, WT after 5 clicks 0.91 (proposal 0.78), 0.31 s per click`
 followed by the painted slices for the same cases.
 """
@@ -66,6 +67,25 @@ def next_click(labels: np.ndarray, truth: np.ndarray, wt_only: bool):
     return Click(point, label)
 
 
+def fill_between_seconds(truth: np.ndarray) -> float | None:
+    """Fill between the whole tumour's shape on two slices 11 apart (a 10-slice gap) around the
+    tumour's middle, as the Correct panel's button does; ITK loaded beforehand."""
+    from napari_unet import edits
+    from napari_unet.labels import EDEMA
+
+    tumour = np.flatnonzero((truth > 0).any(axis=(1, 2)))
+    if len(tumour) < 12:
+        return None
+    lo = int(tumour[len(tumour) // 2] - 5)
+    labels = np.zeros_like(truth)
+    for z in (lo, lo + 11):
+        labels[z][truth[z] > 0] = EDEMA
+    edits.fill_between(labels, lo, lo + 11, EDEMA)  # the first call loads ITK
+    t0 = time.perf_counter()
+    edits.fill_between(labels, lo, lo + 11, EDEMA)
+    return time.perf_counter() - t0
+
+
 def run_case(evidence, proposal: np.ndarray, truth: np.ndarray, regions, max_clicks: int, settings) -> dict:
     from napari_unet.prompts import apply_click
 
@@ -90,7 +110,7 @@ def run_case(evidence, proposal: np.ndarray, truth: np.ndarray, regions, max_cli
     for k in AFTER:  # no error left: the later counts are the last
         after.setdefault(k, scores(labels, truth, regions))
     return {"after": after, "noc": noc if noc is not None else max_clicks, "reached": noc is not None,
-            "seconds": float(np.mean(seconds)) if seconds else 0.0, "first_s": seconds[0] if seconds else 0.0}
+            "seconds": float(np.mean(seconds)) if seconds else 0.0}
 
 
 def main() -> int:
@@ -114,7 +134,7 @@ def main() -> int:
     from napari_unet.cases import find_cases, read_case
     from napari_unet.modelfile import default_model_path, load_model
     from napari_unet.predict import Predictor
-    from napari_unet.prompts import DEFAULT_CLICK, ClickEvidence
+    from napari_unet.prompts import DEFAULT_CLICK, ClickEvidence, apply_click
     from napari_unet.synth import write_dataset
 
     settings = replace(DEFAULT_CLICK, **{k: v for k, v in (("sigma_yx", args.sigma_yx), ("sigma_z", args.sigma_z),
@@ -148,16 +168,29 @@ def main() -> int:
             except NapariUnetError as err:
                 print(f"  {case.case_id}: {err}; skipped")
                 continue
-            proposal = predictor.predict(volume).labels
-            result = run_case(ClickEvidence(predictor, volume), proposal, truth, regions, args.clicks, settings)
+            prediction = predictor.predict(volume, with_log_probs=True)
+            proposal = prediction.labels
+            # A click before any proposal: the network runs on the slices the click reaches.
+            first = next_click(proposal, truth, "TC" not in regions)
+            cold = 0.0
+            if first is not None:
+                t0 = time.perf_counter()
+                apply_click(proposal, ClickEvidence(predictor, volume), first, settings=settings)
+                cold = time.perf_counter() - t0
+            evidence = ClickEvidence(predictor, volume)  # as the widget has it after a proposal
+            evidence.keep(prediction.computed_slices, prediction.log_probs)
+            result = run_case(evidence, proposal, truth, regions, args.clicks, settings)
+            result["cold_s"] = cold
+            fill_s = fill_between_seconds(truth)
             painted, capped = without_loop(proposal, truth, regions, int((truth > 0).any(axis=(1, 2)).sum()))
             tumour = np.flatnonzero((truth > 0).any(axis=(1, 2)))
             rows.append({"case": case.case_id, "regions": regions, "painted": painted, "painted_capped": capped,
+                         "fill_s": fill_s,
                          "span": int(tumour[-1] - tumour[0] + 1) if tumour.size else 0, **result})
             a = result["after"]
             print(f"  {case.case_id}: WT " + " ".join(f"{a[k]['WT']:.2f}" for k in AFTER)
                   + f"; NoC@90 {result['noc']}{'' if result['reached'] else '+'}; {result['seconds']:.2f} s per click "
-                  f"(first {result['first_s']:.2f} s); painted {painted}{'*' * capped}", flush=True)
+                  f"(a click before any proposal {result['cold_s']:.2f} s); painted {painted}{'*' * capped}", flush=True)
         if not rows:
             print("clicks: no case could be measured")
             return 0
@@ -175,10 +208,17 @@ def main() -> int:
         sd5 = float(np.std([r["after"][5]["WT"] for r in rows]))
         noc = float(np.mean([r["noc"] for r in rows]))
         per_click = float(np.mean([r["seconds"] for r in rows]))
+        cold = float(np.mean([r["cold_s"] for r in rows]))
         painted = float(np.mean([r["painted"] for r in rows]))
         print("mean WT after " + ", ".join(f"{k}: {mean[k]:.3f}" for k in AFTER) + f" (sd after 5: {sd5:.3f}); "
               "+ never reached WT 0.90 within the cap; painted: slices to WT 0.90 and TC 0.85 worst-first, "
               "* capped at the tumour's slices")
+        fills = [r["fill_s"] for r in rows if r["fill_s"] is not None]
+        if fills:
+            print(f"fill between a 10-slice gap: {np.mean(fills):.3f} s on average, at most {max(fills):.3f} s "
+                  "(target 0.3 s)")
+        print(f"seconds per click after a proposal (its evidence kept) {per_click:.2f}, the first click before "
+              f"any proposal (the network on the slices it reaches) {cold:.2f}; target 0.5 s")
         print(f"clicks: {len(rows)} cases, NoC@90 WT {noc:.1f}, WT after 5 clicks {mean[5]:.2f} "
               f"(proposal {mean[0]:.2f}), {per_click:.2f} s per click; slices painted instead {painted:.1f}")
     finally:

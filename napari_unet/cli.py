@@ -29,6 +29,32 @@ def progress_bar(desc: str, unit: str = "it"):
         bar.close()
 
 
+@contextmanager
+def ctrl_c_stops_at_next_step(enabled: bool = True):
+    """Yields `cancelled()`: the first Ctrl-C asks the job to stop at its next step, where it
+    writes nothing half done; a second one interrupts at once. A KeyboardInterrupt raised at any
+    bytecode can land inside tqdm's write lock and hang the bar's close. Off under torchrun (the
+    ranks would stop at different steps and wait on each other forever)."""
+    import signal
+    import threading
+
+    pressed = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield pressed.is_set
+        return
+
+    def on_ctrl_c(signum, frame):
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _whole(low: int):
     """An argparse type: a whole number >= low."""
     def parse(text: str) -> int:
@@ -209,12 +235,14 @@ def _cmd_train(args) -> int:
     elif args.val_every is None:
         settings.val_every = max(1, settings.steps // 10)
     master = rank == 0
-    with progress_bar("loading cases", "case") as load_update, progress_bar("training", "step") as update:
+    is_ddp = ddp_info()[0]
+    with ctrl_c_stops_at_next_step(not is_ddp) as cancelled, \
+            progress_bar("loading cases", "case") as load_update, progress_bar("training", "step") as update:
         result = train(
             args.data, args.out, settings=settings, config=config, task=args.task,
             val_fraction=args.val_fraction, resume=args.resume, cache=args.cache, prepare_workers=args.prepare_workers,
             progress=update if master else None, load_progress=load_update if master else None,
-            log=(lambda msg: print(msg, file=sys.stderr)) if master else None,
+            cancel=None if is_ddp else cancelled, log=(lambda msg: print(msg, file=sys.stderr)) if master else None,
         )
     if master:
         print(f"{_wrote(result.path, existed)} after {result.steps} steps in {result.seconds:.0f} s; "
@@ -284,11 +312,11 @@ def _cmd_finetune(args) -> int:
     from training.loop import FINETUNE, finetune
 
     existed = _output_file(args.out, "model file").exists()
-    with progress_bar("fine-tuning", "step") as update:
+    with ctrl_c_stops_at_next_step() as cancelled, progress_bar("fine-tuning", "step") as update:
         result = finetune(
             args.store, args.model, args.out,
             settings=_settings(args, FINETUNE),
-            replay=args.replay, progress=update,
+            replay=args.replay, progress=update, cancel=cancelled,
         )
     note = " (stopped early: no more improvement)" if result.stopped_early else ""
     print(f"{_wrote(result.path, existed)} after {result.steps} steps in {result.seconds:.1f} s{note}")
@@ -488,8 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from napari_unet.predict import Cancelled
+
     try:
         return args.run(args)
+    except Cancelled:  # Ctrl-C, seen at the job's next step: nothing half written
+        print(f"napari-unet {args.command}: cancelled", file=sys.stderr)
+        return 130
     except NapariUnetError as err:
         print(f"napari-unet {args.command}: error: {err}", file=sys.stderr)
         return 2

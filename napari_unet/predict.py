@@ -106,6 +106,19 @@ class Prediction:
     # voxels likely to be wrong, so that a slice with a large doubtful region ranks above one
     # with a few doubtful edge voxels. NaN where nothing was computed; None without uncertainty.
     slice_scores: np.ndarray | None = None
+    # With `with_log_probs`: the network's log-probabilities on computed_slices, as
+    # `Predictor.log_probabilities` gives them (what click prompts weigh, kept at no extra pass).
+    log_probs: np.ndarray | None = None
+
+
+def _masked_log(probs, outside):
+    """Log-probabilities (N, C, Y, X) float16, background certain where `outside` (N, Y, X)."""
+    import torch
+
+    logp = torch.log(probs.float().clamp_min(1e-13))
+    logp[:, 1:] = torch.where(outside[:, None], torch.full_like(logp[:, 1:], -30.0), logp[:, 1:])
+    logp[:, 0] = torch.where(outside, torch.zeros_like(logp[:, 0]), logp[:, 0])
+    return logp.to(torch.float16)
 
 
 def _slice_scores(uncertainty: np.ndarray, computed: np.ndarray) -> np.ndarray:
@@ -181,6 +194,7 @@ class Predictor:
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
         with_uncertainty: bool = False,
+        with_log_probs: bool = False,
     ) -> Prediction:
         """Labels for the whole volume, or only for `slices` (absolute axial indices)."""
         import torch
@@ -207,6 +221,7 @@ class Predictor:
         rel = torch.as_tensor(todo - z0, device=dev)
         out_labels = torch.zeros((total,) + volume.crop.shape[2:], dtype=torch.uint8, device=dev)
         out_unc = torch.zeros((total,) + volume.crop.shape[2:], dtype=torch.float32, device=dev) if with_uncertainty else None
+        log_parts = [] if with_log_probs else None
         batch = self._batch_size(volume.crop.shape[2:])
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
@@ -223,6 +238,8 @@ class Predictor:
                 if out_unc is not None:
                     ent = -(probs * torch.log(probs.clamp_min(1e-8))).sum(1) / np.log(probs.shape[1])
                     out_unc[first : first + batch] = ent * mask.index_select(0, idx)
+                if log_parts is not None:
+                    log_parts.append(_masked_log(probs, mask.index_select(0, idx) == 0).cpu().numpy())
                 if progress:
                     progress(min(first + batch, total), total)
         box_yx = volume.box[1:]
@@ -233,7 +250,8 @@ class Predictor:
         if uncertainty is not None:
             uncertainty[(todo,) + box_yx] = out_unc.cpu().numpy()
             scores = _slice_scores(uncertainty, todo)
-        return Prediction(labels, uncertainty, todo, time.perf_counter() - start, scores)
+        log_probs = np.concatenate(log_parts) if log_parts else None
+        return Prediction(labels, uncertainty, todo, time.perf_counter() - start, scores, log_probs)
 
     def log_probabilities(self, volume: PreparedVolume, slices: Sequence[int]) -> np.ndarray:
         """The network's log-probabilities per class on `slices` (absolute axial indices, each
@@ -253,11 +271,8 @@ class Predictor:
             for first in range(0, len(zs), batch):
                 idx = rel[first : first + batch]
                 x = torch.from_numpy(np.ascontiguousarray(volume.crop[:, idx].transpose(1, 0, 2, 3))).to(self.device)
-                logp = torch.log(self._probabilities(x.contiguous(memory_format=torch.channels_last)).clamp_min(1e-13))
-                outside = torch.from_numpy(~volume.mask[idx]).to(self.device)
-                logp[:, 1:] = torch.where(outside[:, None], torch.full_like(logp[:, 1:], -30.0), logp[:, 1:])
-                logp[:, 0] = torch.where(outside, torch.zeros_like(logp[:, 0]), logp[:, 0])
-                parts.append(logp.to(torch.float16).cpu().numpy())
+                probs = self._probabilities(x.contiguous(memory_format=torch.channels_last))
+                parts.append(_masked_log(probs, torch.from_numpy(~volume.mask[idx]).to(self.device)).cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, 0) + volume.crop.shape[2:], np.float16)
 
     # ------------------------------------------------------------------ internals

@@ -43,11 +43,11 @@ class ClickSettings:
     in the click over the network; the likeness scale of the contrasts.
     Chosen on synthetic held-out cases with benchmarks/bench_clicks.py (README)."""
 
-    sigma_yx: float = 14.0
-    sigma_z: float = 4.0
+    sigma_yx: float = 18.0
+    sigma_z: float = 8.0
     margin: float = 2.0
     trust: float = 1.0  # how far the click overrules a network sure of the clicked voxel
-    likeness: float = 0.6  # the contrasts' difference (z-score units) at which S falls to 0.61
+    likeness: float = 1.2  # the contrasts' difference (z-score units) at which S falls to 0.61
 
     def reach(self) -> tuple[int, int]:
         """Half-sizes of the window beyond which the boost is negligible (3 sigma)."""
@@ -76,6 +76,13 @@ class ClickEvidence:
         self._slices: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._brain = set(volume.brain_slices().tolist())
+
+    def keep(self, slices, log_probs: np.ndarray) -> None:
+        """Log-probabilities a proposal computed anyway (`Prediction.log_probs`), so that clicks
+        after a proposal need no network at all."""
+        with self._lock:
+            for z, logp in zip(np.asarray(slices).tolist(), log_probs):
+                self._slices[int(z)] = logp
 
     def intensities(self, zs: range, ys: slice, xs: slice) -> np.ndarray:
         """(modalities, len(zs), Y, X) float32: the z-scored contrasts the network sees (0 outside

@@ -251,14 +251,19 @@ class AnnotationSession:
 
         predictor = self.predictor(device, tta)
         self._prepare(predictor)
-        kwargs = dict(slices=slices, with_uncertainty=True, progress=progress, cancel=cancel)
+        kwargs = dict(slices=slices, with_uncertainty=True, with_log_probs=not tta, progress=progress, cancel=cancel)
         try:
-            return predictor.predict(self._prepared, **kwargs), None
+            prediction, warning = predictor.predict(self._prepared, **kwargs), None
         except RuntimeError as err:
             if "out of memory" not in str(err).lower() or resolve_device(device).type == "cpu":
                 raise
-            prediction = self.predictor("cpu", tta).predict(self._prepared, **kwargs)
-            return prediction, "GPU out of memory: ran on the CPU"
+            device = "cpu"
+            prediction, warning = self.predictor(device, tta).predict(self._prepared, **kwargs), \
+                "GPU out of memory: ran on the CPU"
+        if prediction.log_probs is not None:  # the clicks that follow weigh what was just computed
+            self.click_evidence(device).keep(prediction.computed_slices, prediction.log_probs)
+            prediction.log_probs = None
+        return prediction, warning
 
     def _prepare(self, predictor) -> None:
         from napari_unet.modelfile import input_stack

@@ -88,7 +88,6 @@ def real_case_screenshot(case_dir: Path, out: Path) -> None:
     import tempfile
 
     import napari
-    from napari.utils.colormaps import DirectLabelColormap
 
     from napari_unet.app import open_viewer
     from napari_unet.cases import read_case
@@ -106,11 +105,97 @@ def real_case_screenshot(case_dir: Path, out: Path) -> None:
     widget.propose()
     _wait(widget, app)
     truth, _ = reference(case_dir, read_case(case_dir))
+    _reference_outline(viewer, truth)
+    z = int(np.argmax((truth > 0).sum(axis=(1, 2))))
+    widget.go_to_slice(z)
+    viewer.reset_view()
+    app.processEvents()
+    viewer.screenshot(str(out), canvas_only=False)
+    viewer.close()
+
+
+def _reference_outline(viewer, truth: np.ndarray) -> None:
+    from napari.utils.colormaps import DirectLabelColormap
+
     layer = viewer.add_labels((truth > 0).astype(np.uint8), name="reference WT (outline)", opacity=1.0)
     layer.colormap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: (1, 1, 1, 1)})
     layer.contour = 1
-    z = int(np.argmax((truth > 0).sum(axis=(1, 2))))
-    widget.go_to_slice(z)
+
+
+def real_click_screenshot(case_dir: Path, out: Path, clicks: int = 5) -> None:
+    """A real case after a few clicks of the simulated clicker (bench_clicks.py's), made through
+    the widget's click prompts; the clicks as points, the reference's whole tumour outlined."""
+    import os
+    import tempfile
+
+    import napari
+
+    from napari_unet.app import open_viewer
+    from napari_unet.cases import read_case
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_clicks import next_click
+    from bench_real import reference
+
+    case_dir = case_dir.resolve()
+    os.chdir(tempfile.mkdtemp())
+    viewer, widget = open_viewer(case_dir)
+    widget.set_store("corrections")
+    viewer.window._qt_window.resize(1500, 950)
+    app = napari.qt.get_qapp()
+    _wait(widget, app)
+    widget.propose()
+    _wait(widget, app)
+    truth, regions = reference(case_dir, read_case(case_dir))
+    first = None
+    for _ in range(clicks):
+        click = next_click(np.asarray(widget.annotation_layer.data), truth, "TC" not in regions)
+        if click is None:
+            break
+        first = first or click
+        widget.click_prompts.click(click.point, click.label)
+        _wait(widget, app)
+    _reference_outline(viewer, truth)
+    widget.go_to_slice(int(first.point[0]) if first else int(np.argmax((truth > 0).sum(axis=(1, 2)))))
+    viewer.layers.selection.active = widget.annotation_layer
+    viewer.reset_view()
+    app.processEvents()
+    viewer.screenshot(str(out), canvas_only=False)
+    viewer.close()
+
+
+def case_list_screenshot(out: Path) -> None:
+    """`napari-unet annotate DATASET`: the Dataset panel on 12 synthetic cases, two of them
+    annotated (one done), the next case open with its proposal."""
+    import os
+    import tempfile
+
+    import napari
+
+    from napari_unet.app import open_viewer
+    from napari_unet.synth import write_dataset
+
+    os.chdir(tempfile.mkdtemp())
+    write_dataset("BraTS-site", 12, seed=61, shift=0.5)
+    viewer, widget = open_viewer(Path("BraTS-site"))
+    viewer.window._qt_window.resize(1500, 950)
+    app = napari.qt.get_qapp()
+    _wait(widget, app)
+    for done in (True, False):  # two cases annotated: one whole, one with a few reviewed slices
+        widget.cases.open_next()
+        _wait(widget, app)
+        widget.propose()
+        _wait(widget, app)
+        for z in sorted(np.flatnonzero(np.asarray(widget.annotation_layer.data).any(axis=(1, 2))))[:4]:
+            widget.go_to_slice(int(z))
+            widget.toggle_reviewed()
+        if done:
+            widget.cases.toggle_done()
+        _wait(widget, app)
+    widget.cases.open_next()
+    _wait(widget, app)
+    widget.propose()
+    _wait(widget, app)
     viewer.reset_view()
     app.processEvents()
     viewer.screenshot(str(out), canvas_only=False)
@@ -122,12 +207,17 @@ if __name__ == "__main__":
 
     # Toasts (napari's PyQt5 deprecation notice) would cover the canvas; this run only, not saved.
     os.environ["NAPARI_APPLICATION_GUI_NOTIFICATION_LEVEL"] = "error"
-    # screenshots.py [DOCS] [REAL_CASE]: REAL_CASE adds the real-MRI picture (not for the repo's
-    # synthetic pictures; the real cases' licences allow showing them, not training on them).
+    # screenshots.py [DOCS] [REAL_CASE | --case-list]: REAL_CASE makes the real-MRI pictures
+    # (not the repo's synthetic pictures; the real cases' licences allow showing them, not
+    # training on them); --case-list the Dataset panel's picture only.
     docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs").resolve()
     docs.mkdir(exist_ok=True)
+    if len(sys.argv) > 2 and sys.argv[2] == "--case-list":
+        case_list_screenshot(docs / "case_list.png")
+        sys.exit(0)
     if len(sys.argv) > 2:
         real_case_screenshot(Path(sys.argv[2]), docs / "real_case.png")
+        real_click_screenshot(Path(sys.argv[2]), docs / "real_clicks.png")
         sys.exit(0)
     open_case_screenshot(docs / "viewer_case.png")
     widget_screenshots(docs)

@@ -159,3 +159,20 @@ def test_the_shipped_model_s_evidence_brings_back_a_region_taken_out_of_its_prop
     far = np.ones(proposal.shape, bool)
     far[max(0, z - rz) : z + rz + 1, max(0, y - ryx) : y + ryx + 1, max(0, x - ryx) : x + ryx + 1] = False
     np.testing.assert_array_equal(edit.labels[far], cut[far])
+
+
+def test_a_proposal_keeps_the_evidence_clicks_weigh_so_the_first_click_needs_no_network(dataset_factory, tmp_path):
+    from napari_unet.cases import read_case
+    from napari_unet.session import AnnotationSession
+
+    case = read_case(dataset_factory("brats2021", cases=1, seed=5, shape=MEDIUM)[0])
+    session = AnnotationSession(case.source, case.images, tmp_path / "store")
+    prediction, _ = session.predict(device="cpu")
+    evidence = session.click_evidence("cpu")
+    kept = {z: evidence._slices[z].copy() for z in prediction.computed_slices.tolist()}
+    assert len(kept) == len(prediction.computed_slices) > 0
+    # The same numbers the network gives when asked slice by slice.
+    some = prediction.computed_slices[:: max(1, len(kept) // 4)]
+    fresh = evidence.predictor.log_probabilities(evidence.volume, some)
+    for z, logp in zip(some.tolist(), fresh):
+        np.testing.assert_allclose(kept[z].astype(np.float32), logp.astype(np.float32), atol=0.15)
