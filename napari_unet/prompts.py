@@ -77,6 +77,26 @@ class ClickEvidence:
         self._lock = threading.Lock()
         self._brain = set(volume.brain_slices().tolist())
 
+    def missing(self) -> list[int]:
+        """Brain slices whose log-probabilities are not computed yet."""
+        with self._lock:
+            return sorted(z for z in self._brain if z not in self._slices)
+
+    def fill(self, progress=None, cancel=None, chunk: int = 8) -> None:
+        """Compute every missing slice now (one network pass over the case, as a proposal takes),
+        so that no click waits for the network."""
+        from napari_unet.predict import Cancelled
+
+        todo = self.missing()
+        for first in range(0, len(todo), chunk):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            part = todo[first : first + chunk]
+            logp = self.predictor.log_probabilities(self.volume, part)
+            self.keep(part, logp)
+            if progress:
+                progress(first + len(part), len(todo))
+
     def keep(self, slices, log_probs: np.ndarray) -> None:
         """Log-probabilities a proposal computed anyway (`Prediction.log_probs`), so that clicks
         after a proposal need no network at all."""

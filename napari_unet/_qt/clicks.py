@@ -59,6 +59,10 @@ class ClickPrompts:
         self._made: dict[int, int] = {}  # slice -> digest of the labels a click left there
         self._session = None  # the session the clicks above belong to
 
+    @property
+    def armed(self) -> bool:
+        return self._armed is not None
+
     def toggle(self) -> None:
         self.w.click_btn.setChecked(not self.w.click_btn.isChecked())
 
@@ -74,18 +78,41 @@ class ClickPrompts:
                 self.w._error("clicks: switch to the 2D view, so a click names one voxel")
                 self.w.click_btn.setChecked(False)
                 return
+            if self.w.keep_piece_btn.isChecked():  # one kind of click at a time
+                self.w.keep_piece_btn.setChecked(False)
             self._armed = (layer, layer.mode)
             layer.mode = "pan_zoom"
             viewer.mouse_drag_callbacks.append(self._on_press)
             self.w._message("clicking: left click adds the Paint row's label, right click or Shift-click "
                             f"removes; {CLICK_KEY} to paint again")
+            self._prepare_evidence()
         elif not on and self._armed is not None:
-            layer, mode = self._armed
+            layer = self._armed[0]
             self._armed = None
             if self._on_press in viewer.mouse_drag_callbacks:
                 viewer.mouse_drag_callbacks.remove(self._on_press)
-            if layer.mode == "pan_zoom":
-                layer.mode = mode
+            if layer.mode == "pan_zoom":  # K switches between clicking and painting
+                layer.mode = "erase" if int(layer.selected_label) == BACKGROUND else "paint"
+
+    def _prepare_evidence(self) -> None:
+        """No proposal made on this case by this model yet (a case reopened from the store, a
+        model just chosen): the network's evidence for the whole case is computed now, in the
+        background, once, so that clicks do not each wait for it (2-3 s on 2 cores without bf16
+        for the slices one click reaches)."""
+        session, w = self.w.session, self.w
+        if w.tasks.worker is not None:  # a proposal on its way keeps its evidence anyway
+            return
+        device = w.device_combo.currentText()
+
+        def work():
+            session.click_evidence(device).fill(progress=lambda d, t: w._bridge.progress.emit(d, t, None),
+                                                cancel=w.tasks.cancel_event.is_set)
+
+        def done(_):
+            if session is w.session and self.armed:
+                w._message("ready to click: left click adds the Paint row's label, right click removes")
+
+        w.tasks.start(work, done, "clicks: the network's evidence for this case (once)", napari_bar=False)
 
     def _on_press(self, viewer, event) -> None:
         if self._armed is None:
@@ -99,9 +126,12 @@ class ClickPrompts:
                                           setattr(layer, "mode", mode),
                                           None if self.w._released else self.w.click_btn.setChecked(False)))
             return
+        if str(layer.mode) != "pan_zoom":  # a brush chosen in napari's controls: painting again
+            QTimer.singleShot(0, lambda: self.w.click_btn.setChecked(False))
+            return
         point = tuple(int(round(c)) for c in layer.world_to_data(event.position))
         negative = event.button == 2 or "Shift" in {str(m) for m in event.modifiers}
-        label = BACKGROUND if negative or str(layer.mode) == "erase" else int(self._armed[0].selected_label)
+        label = BACKGROUND if negative else int(layer.selected_label)
         # After this press has gone through napari's callbacks.
         QTimer.singleShot(0, lambda: self.click(point, label))
 

@@ -29,7 +29,8 @@ class Review:
         if layer is None:
             return
         layer.selected_label = int(value)
-        layer.mode = "erase" if value == BACKGROUND else "paint"
+        if not self.w.click_prompts.armed:  # while clicking, the label is what a click says
+            layer.mode = "erase" if value == BACKGROUND else "paint"
         self.w.viewer.layers.selection.active = layer
         self.show_paint_label()  # (a click on the button already pressed changes nothing in napari)
 

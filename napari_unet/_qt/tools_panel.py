@@ -174,6 +174,8 @@ class CorrectTools:
                 self.w._error("keep clicked piece: switch to the 2D view, so a click names one voxel")
                 self.w.keep_piece_btn.setChecked(False)
                 return
+            if self.w.click_btn.isChecked():  # one kind of click at a time
+                self.w.click_btn.setChecked(False)
             self._armed = (layer, layer.mode)
             layer.mode = "pan_zoom"
             viewer.mouse_drag_callbacks.append(self._on_click)

@@ -221,10 +221,13 @@ def test_clicks_on_the_canvas_add_and_remove_in_3d_each_one_undo_step_and_keep_r
     _click(qtbot, widget.reviewed_btn)
     widget.go_to_slice(z)
     viewer.camera.center = layer.data_to_world(point)[1:]  # the canvas's centre on the clicked voxel
-    _click(qtbot, widget.label_buttons[EDEMA])
 
     press(viewer, "K", modifier=Qt.NoModifier)
     assert widget.click_btn.isChecked() and layer.mode == "pan_zoom"
+    wait_idle(widget)  # no proposal here: the network's evidence for the case is computed once, now
+    assert not widget.session.click_evidence().missing() and widget.status.text().startswith("ready to click")
+    _click(qtbot, widget.label_buttons[EDEMA])  # what the next clicks say; still clicking, not painting
+    assert layer.mode == "pan_zoom" and layer.selected_label == EDEMA
     canvas = viewer.window._qt_viewer.canvas.native
     qtbot.mouseClick(canvas, Qt.LeftButton, pos=canvas.rect().center())
     qtbot.waitUntil(lambda: widget.status.text().startswith("edema click"), timeout=WAIT)
