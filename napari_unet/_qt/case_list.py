@@ -58,7 +58,7 @@ def case_list_panel(w) -> QGroupBox:
     part = QVBoxLayout(w.dataset_part)
     part.setContentsMargins(0, 0, 0, 0)
     w.case_list = QListWidget()
-    w.case_list.setMinimumHeight(3 * w.case_list.fontMetrics().height() + 8)
+    w.case_list.setMinimumHeight(6 * w.case_list.fontMetrics().height() + 8)  # three cases of two lines
     w.case_list.itemClicked.connect(lambda item: w.cases.open_case(item.data(Qt.UserRole)))
     part.addWidget(w.case_list)
     row = QHBoxLayout()

@@ -38,7 +38,7 @@ def slice_ranges(slices) -> str:
 
 def correct_panel(w) -> QGroupBox:
     """Fill between, Fill core holes, Keep clicked piece; Remove pieces < N mL and whether the
-    tools may change reviewed slices. Two rows that fit a 400-pixel dock: every row taken here is
+    tools may change reviewed slices. Three rows that fit a 400-pixel dock: every row taken here is
     one reviewed slice fewer in view."""
     tools = w.correct_tools = CorrectTools(w)
     box = QGroupBox("Correct")
@@ -72,7 +72,7 @@ def correct_panel(w) -> QGroupBox:
     w.min_piece_ml.setSuffix(" mL")
     w.min_piece_ml.setValue(DEFAULT_MIN_ML)
     w.min_piece_ml.setMaximumWidth(w.min_piece_ml.minimumSizeHint().width())  # room for "100.00 mL", no more
-    w.change_reviewed_check = QCheckBox("change reviewed")
+    w.change_reviewed_check = QCheckBox("reviewed too")
     w.change_reviewed_check.setToolTip("also change reviewed slices (off: these tools leave every slice "
                                        "you reviewed as it is)")
     row = QHBoxLayout()

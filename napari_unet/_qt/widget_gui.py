@@ -15,6 +15,7 @@ from qtpy.QtWidgets import (
     QListWidget,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QVBoxLayout,
     QWidget,
@@ -187,12 +188,50 @@ def progress_and_status(w, layout: QVBoxLayout) -> None:
     layout.addWidget(w.save_label)
 
 
+class _PanelsArea(QScrollArea):
+    """Scrolls up and down only, and asks for the width its panels need beside the scroll bar
+    (asked again whenever a panel's content changes): nothing is cut at the right."""
+
+    def _width(self, hint) -> int:
+        inner = self.widget()
+        margins = self.contentsMargins()
+        return ((getattr(inner, hint)().width() if inner is not None else 0) + self.verticalScrollBar().sizeHint().width()
+                + margins.left() + margins.right() + 2 * self.frameWidth())
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt's name)
+        hint = super().minimumSizeHint()
+        hint.setWidth(self._width("minimumSizeHint"))
+        return hint
+
+    def sizeHint(self):  # noqa: N802 (Qt's name)
+        hint = super().sizeHint()
+        hint.setWidth(self._width("sizeHint"))
+        return hint
+
+
 def build(w) -> None:
-    """Lay out the panels of AnnotationWidget `w`, setting their controls on it."""
-    layout = QVBoxLayout(w)
+    """Lay out the panels of AnnotationWidget `w`, setting their controls on it.
+
+    The panels scroll, the progress bar and the status under them do not: on a short screen
+    (1366x768) or with a dataset open, the panels' minimum height is more than the dock has, and
+    Qt would otherwise squeeze them over one another."""
+    outer = QVBoxLayout(w)
+    outer.setContentsMargins(0, 0, 0, 0)
+    w.panels_area = _PanelsArea()
+    w.panels_area.setWidgetResizable(True)
+    w.panels_area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    w.panels_area.setFrameShape(QScrollArea.NoFrame)
+    panels = QWidget()
+    layout = QVBoxLayout(panels)
+    layout.setContentsMargins(0, 4, 0, 4)  # the scroll bar's width, taken from the margins: a 400-pixel dock
     for panel in (case_list_panel, model_panel, propose_panel, paint_panel, correct_panel, review_panel, store_panel):
         # The reviewed slices' list takes the height left over (napari adds no stretch under an
         # expanding widget).
         layout.addWidget(panel(w), 1 if panel is review_panel else 0)
-    progress_and_status(w, layout)
+    w.panels_area.setWidget(panels)
+    outer.addWidget(w.panels_area, 1)
+    status = QVBoxLayout()
+    status.setContentsMargins(4, 0, 4, 4)
+    progress_and_status(w, status)
+    outer.addLayout(status)
     w.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
