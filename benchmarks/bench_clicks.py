@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_real import cpu_name, reference, scores  # noqa: E402
+from bench_real import cases_to_measure, cpu_name, reference, scores  # noqa: E402
 from bench_stream import without_loop  # noqa: E402
 
 AFTER = (0, 1, 3, 5, 10)
@@ -126,32 +126,32 @@ def main() -> int:
     parser.add_argument("--sigma-yx", type=float, help="a click's reach in-plane, voxels")
     parser.add_argument("--sigma-z", type=float, help="a click's reach across slices")
     parser.add_argument("--margin", type=float, help="how much a click outweighs the network, nats")
+    parser.add_argument("--trust", type=float, help="how far a click overrules a network sure of the clicked voxel")
+    parser.add_argument("--likeness", type=float, help="the contrasts' likeness scale, z-scores")
     args = parser.parse_args()
 
     from dataclasses import replace
 
     from napari_unet import NapariUnetError
-    from napari_unet.cases import find_cases, read_case
+    from napari_unet.cases import read_case
     from napari_unet.modelfile import default_model_path, load_model
     from napari_unet.predict import Predictor
     from napari_unet.prompts import DEFAULT_CLICK, ClickEvidence, apply_click
     from napari_unet.synth import write_dataset
 
-    settings = replace(DEFAULT_CLICK, **{k: v for k, v in (("sigma_yx", args.sigma_yx), ("sigma_z", args.sigma_z),
-                                                           ("margin", args.margin)) if v is not None})
+    settings = replace(DEFAULT_CLICK, **{k: getattr(args, k) for k in ("sigma_yx", "sigma_z", "margin", "trust", "likeness")
+                                         if getattr(args, k) is not None})
     work = Path(tempfile.mkdtemp(prefix="bench_clicks_"))
     try:
-        if args.dir:
-            root = Path(args.dir)
-            if not root.is_dir():
-                print(f"{root}: no cases here; nothing to measure")
-                return 0
-            paths = find_cases(root)[: args.cases]
-            where = str(root)
-        else:
+        def synthetic():
             n = args.cases or 6
-            paths = write_dataset(work / "cases", n, seed=args.seed, appearance="random", shift=args.shift)
-            where = f"{n} synthetic held-out cases, seed {args.seed}, randomised appearance, shift {args.shift}"
+            return (write_dataset(work / "cases", n, seed=args.seed, appearance="random", shift=args.shift),
+                    f"{n} synthetic held-out cases, seed {args.seed}, randomised appearance, shift {args.shift}")
+
+        found = cases_to_measure(args.dir, args.cases, synthetic)
+        if found is None:
+            return 0
+        paths, where = found
         model = Path(args.model) if args.model else default_model_path()
         predictor = Predictor(load_model(model), "cpu", precision=args.precision)
         print(f"clicks on {where}; model {model.name}; {predictor.precision}; {settings}; CPU: {cpu_name()}",

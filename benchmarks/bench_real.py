@@ -54,6 +54,21 @@ def reference(case_dir: Path, case) -> tuple[np.ndarray | None, tuple[str, ...]]
     return None, ()
 
 
+def cases_to_measure(directory: str | None, cases: int | None, synthetic) -> tuple[list, str] | None:
+    """The benchmarks' cases: DIR's (any folder of cases, e.g. real ones for evaluation), at most
+    `cases`; without DIR, `synthetic()` -> (paths, their description). None, said, when DIR
+    holds nothing."""
+    from napari_unet.cases import find_cases
+
+    if not directory:
+        return synthetic()
+    root = Path(directory)
+    if not root.is_dir():
+        print(f"{root}: no cases here; nothing to measure")
+        return None
+    return find_cases(root)[:cases], str(root)
+
+
 def scores(labels: np.ndarray, truth: np.ndarray, regions) -> dict[str, float]:
     from napari_unet.metrics import dice
     from napari_unet.labels import region_mask

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_real import cpu_name, reference, scores  # noqa: E402
+from bench_real import cases_to_measure, cpu_name, reference, scores  # noqa: E402
 
 TARGETS = {"WT": 0.90, "TC": 0.85}
 
@@ -153,24 +153,23 @@ def main() -> int:
     args = parser.parse_args()
 
     from napari_unet import NapariUnetError
-    from napari_unet.cases import find_cases, read_case
+    from napari_unet.cases import read_case
     from napari_unet.modelfile import default_model_path, load_model
     from napari_unet.predict import Predictor
 
     wall = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_stream_"))
     try:
-        if args.dir:
-            root = Path(args.dir)
-            if not root.is_dir():
-                print(f"{root}: no cases here; nothing to measure")
-                return 0
-            paths = find_cases(root)[: args.cases]
-            where = str(root)
-        else:
+        def synthetic():
             n = args.cases or 6
-            paths = synthetic_site(work / "site", n, args.seed, args.shift, args.shape)
-            where = f"{n} synthetic cases, shift {args.shift}, seed {args.seed}, shape {tuple(args.shape) if args.shape else 'BraTS 240 240 155'}"
+            return (synthetic_site(work / "site", n, args.seed, args.shift, args.shape),
+                    f"{n} synthetic cases, shift {args.shift}, seed {args.seed}, "
+                    f"shape {tuple(args.shape) if args.shape else 'BraTS 240 240 155'}")
+
+        found = cases_to_measure(args.dir, args.cases, synthetic)
+        if found is None:
+            return 0
+        paths, where = found
         model = Path(args.model) if args.model else default_model_path()
         base = Predictor(load_model(model), args.device)
         stream = Stream(model, work / "store", args.every, args.device)

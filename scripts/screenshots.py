@@ -82,8 +82,10 @@ def widget_screenshots(docs: Path) -> None:
     viewer.close()
 
 
-def real_case_screenshot(case_dir: Path, out: Path) -> None:
-    """A real case: the default model's proposal (filled) beside its reference (outline)."""
+def _proposed_real_case(case_dir: Path):
+    """napari with a real case and the widget, its proposal made (the store in a temporary
+    folder, not beside the real case; no machine paths shown); (viewer, widget, app, reference,
+    the regions it scores)."""
     import os
     import tempfile
 
@@ -96,7 +98,7 @@ def real_case_screenshot(case_dir: Path, out: Path) -> None:
     from bench_real import reference  # the one reader of the dev cases' references (_seg or _wt)
 
     case_dir = case_dir.resolve()
-    os.chdir(tempfile.mkdtemp())  # the store goes here, not beside the real case; no machine paths shown
+    os.chdir(tempfile.mkdtemp())
     viewer, widget = open_viewer(case_dir)
     widget.set_store("corrections")
     viewer.window._qt_window.resize(1500, 950)
@@ -104,7 +106,13 @@ def real_case_screenshot(case_dir: Path, out: Path) -> None:
     _wait(widget, app)
     widget.propose()
     _wait(widget, app)
-    truth, _ = reference(case_dir, read_case(case_dir))
+    truth, regions = reference(case_dir, read_case(case_dir))
+    return viewer, widget, app, truth, regions
+
+
+def real_case_screenshot(case_dir: Path, out: Path) -> None:
+    """A real case: the default model's proposal (filled) beside its reference (outline)."""
+    viewer, widget, app, truth, _ = _proposed_real_case(case_dir)
     _reference_outline(viewer, truth)
     z = int(np.argmax((truth > 0).sum(axis=(1, 2))))
     widget.go_to_slice(z)
@@ -125,28 +133,10 @@ def _reference_outline(viewer, truth: np.ndarray) -> None:
 def real_click_screenshot(case_dir: Path, out: Path, clicks: int = 5) -> None:
     """A real case after a few clicks of the simulated clicker (bench_clicks.py's), made through
     the widget's click prompts; the clicks as points, the reference's whole tumour outlined."""
-    import os
-    import tempfile
-
-    import napari
-
-    from napari_unet.app import open_viewer
-    from napari_unet.cases import read_case
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_clicks import next_click
-    from bench_real import reference
 
-    case_dir = case_dir.resolve()
-    os.chdir(tempfile.mkdtemp())
-    viewer, widget = open_viewer(case_dir)
-    widget.set_store("corrections")
-    viewer.window._qt_window.resize(1500, 950)
-    app = napari.qt.get_qapp()
-    _wait(widget, app)
-    widget.propose()
-    _wait(widget, app)
-    truth, regions = reference(case_dir, read_case(case_dir))
+    viewer, widget, app, truth, regions = _proposed_real_case(case_dir)
     first = None
     for _ in range(clicks):
         click = next_click(np.asarray(widget.annotation_layer.data), truth, "TC" not in regions)
