@@ -287,6 +287,16 @@ class AnnotationSession:
             self._evidence = ClickEvidence(predictor, self._prepared)
         return self._evidence
 
+    def reuse_model_state(self, other: "AnnotationSession") -> None:
+        """Take over what `other`, a session of the same case images (the one that proposed it
+        ahead), loaded and computed: the predictor, the prepared volume and the clicks' evidence."""
+        if other is self or other.model_name != self.model_name:
+            return
+        with self._lock:
+            self._predictor, self._predictor_key = other._predictor, other._predictor_key
+            self._prepared, self._prepared_key = other._prepared, other._prepared_key
+            self._evidence = other._evidence
+
     def has_click_evidence(self) -> bool:
         return self._evidence is not None and self._evidence.predictor is self._predictor
 

@@ -141,7 +141,7 @@ class CaseList(QObject):
         self._aheader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-ahead",
                                            initializer=_lower_priority)
         self._ahead_key = None  # (case id, path, model, device, tta) being prepared or ready
-        self._ahead = None  # (layer data, (prediction, warning), read warnings) once ready
+        self._ahead = None  # (layer data, (prediction, warning), read warnings, its session) once ready
         self._ahead_cancel = threading.Event()
         self._marked = None  # the case marked current in the list
         # (case id, session left, why, (model, proposal) made ahead or None) of a case being opened
@@ -253,6 +253,7 @@ class CaseList(QObject):
         text = f"{case_id}: ready; corrections go to {w.session.case_path}"
         if ahead is not None and ahead[0] == self._model_key(w.session.model_path):
             # The session's own merge: slices reviewed before (a case already started) are kept.
+            w.session.reuse_model_state(ahead[2])  # the loaded model and what clicks weigh
             w._proposal_done(w.session, ahead[1], "")
             text = f"{case_id}: ready and proposed ahead; corrections go to {w.session.case_path}"
         if left is not None:
@@ -281,7 +282,7 @@ class CaseList(QObject):
             return
         ahead = self._take_ahead(entry)
         # Finished in follow_session, once the widget has switched (its attach is queued).
-        self._pending = (entry.case_id, w.session, why, None if ahead is None else (ahead[0][2:], ahead[2]))
+        self._pending = (entry.case_id, w.session, why, None if ahead is None else (ahead[0][2:], ahead[2], ahead[4]))
         try:
             if ahead is None:
                 w.viewer.open(str(entry.path), plugin="napari-unet")
@@ -469,7 +470,7 @@ class CaseList(QObject):
                 # opening the case the ordinary way then says why, where the annotator looks)
                 result = err
             if not (cancel.is_set() or stop.is_set()):
-                _emit(self, "ahead", key, result if isinstance(result, Exception) else (layers, result, warnings))
+                _emit(self, "ahead", key, result if isinstance(result, Exception) else (layers, result, warnings, session))
 
         self._aheader.submit(work)
 

@@ -1086,6 +1086,8 @@ def test_next_case_is_proposed_ahead_and_opens_with_its_proposal(make_napari_vie
           f"(napari making its layers), its proposal {proposed - shown:.2f} s later")
     assert widget.session.proposal_model == str(other) and widget.session.slice_scores is not None
     assert "proposed ahead" in widget.status.text()
+    # The model loaded ahead and its log-probabilities come too: clicks need no network pass.
+    assert widget.session.has_click_evidence() and not widget.session.click_evidence().missing()
     # Then the case after it is prepared, for the next click.
     qtbot.waitUntil(lambda: widget.cases._ahead is not None, timeout=WAIT)
     assert widget.cases._ahead_key[0] == c
