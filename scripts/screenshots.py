@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,22 @@ def real_click_screenshot(case_dir: Path, out: Path, clicks: int = 5) -> None:
     viewer.close()
 
 
+def real_grid_screenshot(case_dir: Path, out: Path) -> None:
+    """A real case in the contrast grid (Shift-G) at 1366x768: its contrasts side by side, the
+    proposal over each, on the slice with the most reference tumour."""
+    viewer, widget, app, truth, _ = _proposed_real_case(case_dir)
+    viewer.window._qt_window.resize(1366, 768)
+    widget.go_to_slice(int(np.argmax((truth > 0).sum(axis=(1, 2)))))
+    widget.grid.toggle()
+    for _ in range(20):  # the copies are redrawn a moment after
+        app.processEvents()
+        time.sleep(0.05)
+    viewer.reset_view()
+    app.processEvents()
+    viewer.screenshot(str(out), canvas_only=False)
+    viewer.close()
+
+
 def case_list_screenshot(out: Path) -> None:
     """`napari-unet annotate DATASET`: the Dataset panel on 12 synthetic cases, two of them
     annotated (one done), the next case open with its proposal."""
@@ -198,13 +215,16 @@ if __name__ == "__main__":
 
     # Toasts (napari's PyQt5 deprecation notice) would cover the canvas; this run only, not saved.
     os.environ["NAPARI_APPLICATION_GUI_NOTIFICATION_LEVEL"] = "error"
-    # screenshots.py [DOCS] [REAL_CASE | --case-list]: REAL_CASE makes the real-MRI pictures
+    # screenshots.py [DOCS] [REAL_CASE | --case-list | --grid REAL_CASE]: REAL_CASE makes the real-MRI pictures
     # (not the repo's synthetic pictures; the real cases' licences allow showing them, not
     # training on them); --case-list the Dataset panel's picture only.
     docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs").resolve()
     docs.mkdir(exist_ok=True)
     if len(sys.argv) > 2 and sys.argv[2] == "--case-list":
         case_list_screenshot(docs / "case_list.png")
+        sys.exit(0)
+    if len(sys.argv) > 3 and sys.argv[2] == "--grid":
+        real_grid_screenshot(Path(sys.argv[3]).resolve(), docs / "real_grid.png")
         sys.exit(0)
     if len(sys.argv) > 2:
         real = Path(sys.argv[2]).resolve()  # (each picture works in a folder of its own)

@@ -29,6 +29,7 @@ def give_new_data(layer, data, kwargs: dict) -> None:
 
 def show_annotation(w, labels: np.ndarray) -> None:
     """The session's Labels layer on top, visible and selected; its case's uncertainty under it."""
+    w.grid.close()  # its copies show the annotation being replaced
     source = w.session.source
     name = f"{source.case_id} annotation"
     if name in w.viewer.layers:

@@ -80,8 +80,10 @@ class ClickPrompts:
                 return
             if self.w.keep_piece_btn.isChecked():  # one kind of click at a time
                 self.w.keep_piece_btn.setChecked(False)
+            self.w.grid.close()  # the clicks layer would take a grid box of its own
             self._armed = (layer, layer.mode)
             layer.mode = "pan_zoom"
+            self._points_layer(layer)
             viewer.mouse_drag_callbacks.append(self._on_press)
             self.w._message("clicking: left click adds the Paint row's label, right click or Shift-click "
                             f"removes; {CLICK_KEY} to paint again")
@@ -173,15 +175,22 @@ class ClickPrompts:
             self.w._error(str(err))
             return None
 
-    def _show_point(self, layer, click: Click) -> None:
+    def _points_layer(self, layer):
+        """The clicks layer, made when clicking is switched on: making a napari layer takes
+        0.1-0.2 s of the GUI thread, which the first click would otherwise wait for."""
         viewer = self.w.viewer
-        colour = LABEL_COLORS[click.label] if click.positive else NEGATIVE_COLOUR
         if self._points is None or self._points not in viewer.layers:
+            mode = layer.mode  # napari puts a layer that loses the selection in pan_zoom mode
             self._points = viewer.add_points(
                 np.zeros((0, 3)), name="clicks", ndim=3, size=4, scale=layer.scale, translate=layer.translate,
                 face_color="transparent", border_width=0.3, border_width_is_relative=True)
             viewer.layers.selection.active = layer  # Ctrl-Z and the brush stay on the annotation
-        points = self._points
+            layer.mode = mode
+        return self._points
+
+    def _show_point(self, layer, click: Click) -> None:
+        colour = LABEL_COLORS[click.label] if click.positive else NEGATIVE_COLOUR
+        points = self._points_layer(layer)
         points.selected_data = set()  # else the current style below would restyle the last click
         points.current_symbol = "disc" if click.positive else "x"
         points.current_border_color = colour

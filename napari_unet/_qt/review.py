@@ -50,6 +50,9 @@ class Review:
         w = self.w
         if w.session is None:
             return None
+        if w.grid.on:
+            w._message("the grid shows every contrast (Shift-G: back to one, then Shift-C cycles them)")
+            return None
         layers = w._open_cases().get((w.session.case_id, w.session.source.path), {})
         order = [m for m in MODALITIES if m in layers] or list(layers)
         if not order:

@@ -24,6 +24,7 @@ from napari_unet import NapariUnetError
 from napari_unet._qt import case_layers, widget_gui
 from napari_unet._qt.case_list import CaseList
 from napari_unet._qt.clicks import CLICK_KEY
+from napari_unet._qt.contrast_grid import GRID_KEY, ContrastGrid
 from napari_unet._qt.review import Review
 from napari_unet._qt.tasks import TaskRunner
 from napari_unet._qt.wiring import Bridge, disconnect, display_ready, emit, release, unwrapped
@@ -36,7 +37,7 @@ from napari_unet.store_lock import StoreHolder, StoreInUse
 
 WIDGET_NAME = "Tumour annotation (U-Net)"
 _KEYS = {"Shift-R": "toggle_reviewed", "Shift-N": "review_next", "Shift-C": "review.cycle_contrast",
-         CLICK_KEY: "click_prompts.toggle",
+         GRID_KEY: "grid.toggle", CLICK_KEY: "click_prompts.toggle",
          "Alt-0": BACKGROUND, "Alt-1": NECROTIC, "Alt-2": EDEMA, "Alt-3": ENHANCING}
 AXIS_LABELS = ("axial", "coronal", "sagittal")  # the slices each axis's slider steps through
 
@@ -63,6 +64,7 @@ class AnnotationWidget(QWidget):
         # Saving runs on its own thread: painting never waits for a NIfTI file to be written.
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-save")
         self._pending_save: Future | None = None
+        self._leaving_saves: dict[tuple, Future] = {}  # the last save of each case left, maybe in flight
         # Loading torch and the model takes seconds: on a thread of its own, so no save waits behind it.
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-warm-up")
         self._save_timer = QTimer(self, singleShot=True, interval=300)
@@ -71,6 +73,7 @@ class AnnotationWidget(QWidget):
         self._edit_timer.timeout.connect(self._collect_edits)
         self.cases = CaseList(self)  # the dataset open, if any: its panel is laid out with the others
         self.review = Review(self)  # painting labels, review and the plane on screen
+        self.grid = ContrastGrid(self)  # the case's contrasts side by side
         widget_gui.build(self)
         self.tasks = TaskRunner(self.progress_bar, self.cancel_btn, self._message, self._error,
                                 lambda info: self.loss_plot.add(info["loss"]) if "loss" in info else None)
@@ -211,6 +214,7 @@ class AnnotationWidget(QWidget):
         from napari_unet.session import AnnotationSession
 
         source = source_of(next(iter(image_layers.values())).metadata)
+        self._saved_before(_case_key(source))  # its store files are read below
         if not self._store_chosen:
             # A case made in memory has no folder: a store in the user's home takes its place.
             store = default_store(source.path) if source.path else Path.home() / "napari-unet" / DEFAULT_STORE_NAME
@@ -250,15 +254,17 @@ class AnnotationWidget(QWidget):
         """Save the case being left (waiting for it); its annotation, no longer followed, becomes
         read-only, and with `hide` all its layers are hidden."""
         session, layer = self.session, self.annotation_layer
+        self.grid.close()
         self._save_timer.stop()
         if layer is not None:
             self._collect_edits()
             self.save()
         if self._pending_save is not None:
-            try:
-                self._pending_save.result()
-            except (NapariUnetError, OSError):
-                pass  # already reported
+            # Not waited for here (0.1-0.2 s of the GUI thread on Next case): the write holds a
+            # copy of the labels, and the saving thread keeps order; only opening this case again
+            # or giving its store back waits for it (_saved_before).
+            self._leaving_saves = {k: f for k, f in self._leaving_saves.items() if not f.done()}
+            self._leaving_saves[_case_key(session.source)] = self._pending_save
         if layer is not None:
             layer.editable = False  # edits to a case no longer tracked would be lost
         if hide:
@@ -276,6 +282,7 @@ class AnnotationWidget(QWidget):
         layer = self.annotation_layer
         if layer is None:
             return
+        self.grid.close()  # its pairs of layers would no longer be pairs
         layer.visible = True
         self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
         self.viewer.layers.selection.active = layer
@@ -355,7 +362,18 @@ class AnnotationWidget(QWidget):
         elif cases := self._open_cases():  # a case refused its store (in use) starts in this one
             self._switch(cases, next(reversed(cases)))
 
+    def _saved_before(self, key=None) -> None:
+        """Wait for the saves of cases left still being written: the one of case `key`, or all."""
+        for case in [k for k in self._leaving_saves if key is None or k == key]:
+            try:
+                self._leaving_saves.pop(case).result()
+            except (NapariUnetError, OSError):
+                pass  # already reported
+
     def _take_store(self, path) -> bool:  # giving back the one held; False if another window has it
+        held = self._store.lock
+        if held is not None and held.store != Path(path).expanduser().resolve():
+            self._saved_before()  # no write may land in a store after its lock is given back
         try:
             notice = self._store.hold(path)
         except StoreInUse as err:
@@ -565,6 +583,7 @@ class AnnotationWidget(QWidget):
             self._collect_edits()
             self.save()
         self.tasks.abandon()
+        self.grid.close()
         self.cases.close()
         self._release()
         self.session = self._annotation = None

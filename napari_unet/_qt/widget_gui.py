@@ -126,6 +126,17 @@ def paint_panel(w) -> QGroupBox:
     w.volumes_label = wrapping_label("")  # the legend: each label's colour and volume, as painted
     w.volumes_label.setTextFormat(Qt.RichText)
     col.addWidget(w.volumes_label)
+    row = QHBoxLayout()
+    contrast_btn = QPushButton("Next contrast (Shift-C)")
+    contrast_btn.setToolTip("show the case's next contrast under the annotation")
+    contrast_btn.clicked.connect(lambda _=False: w.review.cycle_contrast())
+    w.grid_btn = QPushButton("Grid (Shift-G)")
+    w.grid_btn.setCheckable(True)
+    w.grid_btn.setToolTip("every contrast side by side, the annotation over each; paint in any")
+    w.grid_btn.clicked.connect(lambda _=False: w.grid.toggle())
+    row.addWidget(contrast_btn)
+    row.addWidget(w.grid_btn)
+    col.addLayout(row)
     return box
 
 

@@ -808,6 +808,56 @@ def test_shift_c_cycles_the_contrast_under_the_annotation(annotator, press):
     assert viewer.layers.index(widget.annotation_layer) == len(viewer.layers) - 1
 
 
+def test_shift_g_shows_the_contrasts_side_by_side_and_a_stroke_in_any_box_is_annotated(
+        annotator, qtbot, press, tmp_path, case_a):
+    viewer, widget = annotator
+    layer = widget.annotation_layer
+    order_before = list(viewer.layers)
+    shown_before = [other.name for other in viewer.layers if other.visible]
+    z = 30
+    widget.go_to_slice(z)
+    press(viewer, "2", modifier=Qt.AltModifier)  # paint edema
+    layer.brush_size = 30
+
+    press(viewer, "G")
+    assert viewer.grid.enabled and widget.grid_btn.isChecked()
+    canvas = viewer.window._qt_viewer.canvas
+    boxes = [box for box, indices in viewer.grid.iter_viewboxes(viewer.layers) if indices]
+    assert len(boxes) == 4  # T1, T1ce, T2, FLAIR
+    images = [other for other in viewer.layers if other.metadata.get(META_KEY, {}).get("role") == "image"]
+    assert all(image.visible and image.name_overlay.visible for image in images)  # each box named
+
+    def coloured_per_box() -> list[int]:
+        shot = viewer.screenshot(canvas_only=True, flash=False).astype(int)
+        h, w = shot.shape[0] // 2, shot.shape[1] // 2
+        r, g, b = shot[..., 0], shot[..., 1], shot[..., 2]
+        green = (g - b > 60) & (g - r > 60)
+        return [int(green[i * h:(i + 1) * h, j * w:(j + 1) * w].sum()) for i in (0, 1) for j in (0, 1)]
+
+    qtbot.wait(200)
+    before = coloured_per_box()
+    labels_before = np.array(layer.data)
+    native = canvas.native
+    top_left = native.rect().center() / 2  # the middle of the first box, not the annotation's own
+    qtbot.mouseClick(native, Qt.LeftButton, pos=top_left)  # a dab of the brush
+    changed = np.argwhere(np.asarray(layer.data) != labels_before)
+    assert len(changed) > 0 and set(changed[:, 0]) == {z}  # painted into the annotation, on the slice shown
+    assert viewer.layers.selection.active.name == layer.name  # strokes go to the layer saved
+    qtbot.waitUntil(lambda: all(a > b + 20 for a, b in zip(coloured_per_box(), before)), timeout=WAIT)  # in all four
+    qtbot.waitUntil(lambda: widget.reviewed_list.count() == 1, timeout=WAIT)
+    _wait_saved(qtbot, tmp_path / "store" / case_a.name,
+                lambda record, labels: record["edited_slices"] == [z] and (labels[z] == EDEMA).sum()
+                >= (np.asarray(layer.data[z]) == EDEMA).sum() > (labels_before[z] == EDEMA).sum())
+
+    press(viewer, "C")  # cycling would hide boxes: refused while the grid is on
+    assert all(image.visible and image.name_overlay.visible for image in images)  # each box named
+    press(viewer, "G")  # back to one view, as it was
+    assert not viewer.grid.enabled and not widget.grid_btn.isChecked()
+    assert list(viewer.layers) == order_before
+    assert [other.name for other in viewer.layers if other.visible] == shown_before
+    assert not any(image.name_overlay.visible for image in images)
+
+
 def test_the_legend_shows_each_label_s_volume_as_it_is_painted(annotator, qtbot, wait_idle, case_a):
     import re
 
