@@ -19,6 +19,11 @@ from napari_unet.cases import MODALITIES
 GRID_KEY = "Shift-G"
 
 
+def _show(layer, visible: bool) -> None:
+    if layer.visible != visible:  # (napari resets a Labels layer's mode even when nothing changes)
+        layer.visible = visible
+
+
 class ContrastGrid:
     def __init__(self, w):
         self.w = w
@@ -54,9 +59,10 @@ class ContrastGrid:
         if len(order) < 2:
             w._message(f"{w.session.case_id} has one contrast only: no grid to show")
             return False
-        viewer, grid = w.viewer, w.viewer.grid
+        w.click_btn.setChecked(False)  # the clicks layer would be hidden: clicks nobody sees
+        viewer, grid = w.viewer, w.viewer.canvas.grid
         self._before = (list(viewer.layers), {id(layer): layer.visible for layer in viewer.layers},
-                        (grid.stride, grid.shape))
+                        (grid.enabled, grid.stride, grid.shape))
         self._named = [(images[m], images[m].name_overlay.visible) for m in order]
         self._annotation = annotation
         mode = annotation.mode  # napari puts a layer that loses the selection in pan_zoom mode
@@ -69,7 +75,7 @@ class ContrastGrid:
         for index, layer in enumerate(placed):
             viewer.layers.move(viewer.layers.index(layer), index)
         for layer in viewer.layers:
-            layer.visible = layer in placed
+            _show(layer, layer in placed)
         for image, _ in self._named:  # each box says which contrast it shows
             image.name_overlay.visible = True
         grid.stride, grid.shape = 2, (-1, -1)
@@ -78,8 +84,8 @@ class ContrastGrid:
         annotation.mode = mode
         for event in (annotation.events.paint, annotation.events.set_data, annotation.events.data):
             w._connect(event, self._annotation_changed, annotation)
-        w._connect(viewer.layers.selection.events.active, self._keep_annotation_active)
-        w._connect(grid.events.enabled, self._grid_switched)
+        for emitter, callback in self._watching():
+            w._connect(emitter, callback)
         w._message(f"{w.session.case_id}: {', '.join(images[m].name for m in order)} side by side; "
                    f"paint in any of them ({GRID_KEY}: back to one contrast)")
         return True
@@ -89,18 +95,19 @@ class ContrastGrid:
         if not self.on:
             return
         w = self.w
-        order, visible, (stride, shape) = self._before
+        order, visible, (enabled, stride, shape) = self._before
         self._before = None  # first: napari's grid event below comes back here
         self._redraw_timer.stop()
-        for emitter, callback in ((w.viewer.layers.selection.events.active, self._keep_annotation_active),
-                                  (w.viewer.grid.events.enabled, self._grid_switched)):
+        for emitter, callback in self._watching():
             self._forget(emitter, callback)
         if self._annotation is not None:
             for event in (self._annotation.events.paint, self._annotation.events.set_data,
                           self._annotation.events.data):
                 self._forget(event, self._annotation_changed)
-        w.viewer.grid.enabled = False
-        w.viewer.grid.stride, w.viewer.grid.shape = stride, shape
+        grid = w.viewer.canvas.grid
+        grid.enabled = False
+        grid.stride, grid.shape = stride, shape
+        grid.enabled = enabled
         for copy in self.copies:
             if copy in w.viewer.layers:
                 w.viewer.layers.remove(copy)
@@ -108,8 +115,13 @@ class ContrastGrid:
         present = [layer for layer in order if layer in w.viewer.layers]
         for index, layer in enumerate(present):
             w.viewer.layers.move(w.viewer.layers.index(layer), index)
+        annotation = w.annotation_layer
+        mode = annotation.mode if annotation is not None else None
         for layer in present:
-            layer.visible = visible[id(layer)]
+            _show(layer, visible[id(layer)])
+        if annotation is not None:  # napari gives a layer shown again the mode it was hidden in
+            w.viewer.layers.selection.active = annotation
+            annotation.mode = mode
         for image, shown in self._named:
             image.name_overlay.visible = shown
         self._named = []
@@ -139,9 +151,22 @@ class ContrastGrid:
         if self._annotation is not None and self._annotation in self.w.viewer.layers:
             self.w.viewer.layers.selection.active = self._annotation
 
+    def _watching(self) -> list[tuple]:
+        """What closes the grid, or keeps the annotation chosen, while it is on."""
+        viewer = self.w.viewer
+        return [(viewer.layers.selection.events.active, self._keep_annotation_active),
+                (viewer.canvas.grid.events.enabled, self._grid_switched),
+                # a layer added, removed or moved would pair the wrong layers in the boxes
+                (viewer.layers.events.inserted, self._layers_changed),
+                (viewer.layers.events.removed, self._layers_changed),
+                (viewer.layers.events.moved, self._layers_changed)]
+
     def _grid_switched(self, event=None) -> None:
-        if not self.w.viewer.grid.enabled:  # napari's own grid button
+        if not self.w.viewer.canvas.grid.enabled:  # napari's own grid button
             self.close()
+
+    def _layers_changed(self, event=None) -> None:
+        QTimer.singleShot(0, self.close)  # after napari has finished with its list
 
     def _forget(self, emitter, callback) -> None:
         from napari_unet._qt.wiring import disconnect

@@ -63,8 +63,8 @@ class AnnotationWidget(QWidget):
         self._bridge.failed.connect(self._error)
         # Saving runs on its own thread: painting never waits for a NIfTI file to be written.
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-save")
-        self._pending_save: Future | None = None
-        self._leaving_saves: dict[tuple, Future] = {}  # the last save of each case left, maybe in flight
+        self._pending_save: Future | None = None  # the last save asked for (saves run in order)
+        self._saves: dict[str, Future] = {}  # the last save of each case id, maybe still being written
         # Loading torch and the model takes seconds: on a thread of its own, so no save waits behind it.
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-warm-up")
         self._save_timer = QTimer(self, singleShot=True, interval=300)
@@ -214,7 +214,7 @@ class AnnotationWidget(QWidget):
         from napari_unet.session import AnnotationSession
 
         source = source_of(next(iter(image_layers.values())).metadata)
-        self._saved_before(_case_key(source))  # its store files are read below
+        self._saved_before(source.case_id)  # its store files are read below
         if not self._store_chosen:
             # A case made in memory has no folder: a store in the user's home takes its place.
             store = default_store(source.path) if source.path else Path.home() / "napari-unet" / DEFAULT_STORE_NAME
@@ -251,7 +251,7 @@ class AnnotationWidget(QWidget):
         self._warm_up()
 
     def _end_session(self, hide: bool) -> None:
-        """Save the case being left (waiting for it); its annotation, no longer followed, becomes
+        """Save the case being left; its annotation, no longer followed, becomes
         read-only, and with `hide` all its layers are hidden."""
         session, layer = self.session, self.annotation_layer
         self.grid.close()
@@ -259,12 +259,9 @@ class AnnotationWidget(QWidget):
         if layer is not None:
             self._collect_edits()
             self.save()
-        if self._pending_save is not None:
-            # Not waited for here (0.1-0.2 s of the GUI thread on Next case): the write holds a
-            # copy of the labels, and the saving thread keeps order; only opening this case again
-            # or giving its store back waits for it (_saved_before).
-            self._leaving_saves = {k: f for k, f in self._leaving_saves.items() if not f.done()}
-            self._leaving_saves[_case_key(session.source)] = self._pending_save
+        # Its save is not waited for (0.1-0.2 s of the GUI thread on Next case): the write holds a
+        # copy of the labels and the saving thread keeps order; opening this case again or giving
+        # the store back waits for it (_saved_before).
         if layer is not None:
             layer.editable = False  # edits to a case no longer tracked would be lost
         if hide:
@@ -282,7 +279,9 @@ class AnnotationWidget(QWidget):
         layer = self.annotation_layer
         if layer is None:
             return
-        self.grid.close()  # its pairs of layers would no longer be pairs
+        if self.grid.on:  # the annotation stays in its box: the grid pairs it with its contrast
+            self.viewer.layers.selection.active = layer
+            return
         layer.visible = True
         self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
         self.viewer.layers.selection.active = layer
@@ -362,13 +361,16 @@ class AnnotationWidget(QWidget):
         elif cases := self._open_cases():  # a case refused its store (in use) starts in this one
             self._switch(cases, next(reversed(cases)))
 
-    def _saved_before(self, key=None) -> None:
-        """Wait for the saves of cases left still being written: the one of case `key`, or all."""
-        for case in [k for k in self._leaving_saves if key is None or k == key]:
+    def _saved_before(self, case_id: str | None = None) -> None:
+        """Wait until the saves of `case_id` (any: every save) asked for so far are written."""
+        pending = self._saves.pop(case_id, None) if case_id is not None else self._pending_save
+        if case_id is None:
+            self._saves.clear()
+        if pending is not None:
             try:
-                self._leaving_saves.pop(case).result()
-            except (NapariUnetError, OSError):
-                pass  # already reported
+                pending.result()
+            except Exception:  # noqa: BLE001 (reported by the write itself)
+                pass
 
     def _take_store(self, path) -> bool:  # giving back the one held; False if another window has it
         held = self._store.lock
@@ -486,13 +488,14 @@ class AnnotationWidget(QWidget):
         def write():
             try:
                 path = session.save(snapshot)
-            except (NapariUnetError, OSError) as err:
+            except Exception as err:  # noqa: BLE001 (whatever it is, the annotator hears of it)
                 emit(bridge, "saved", f"could not save the corrections of {session.case_id}: {err}", True, session)
                 raise
             emit(bridge, "saved", f"saved {_dt.datetime.now():%H:%M:%S} to {path}", False, session)
             return path
 
-        self._pending_save = self._saver.submit(write)
+        self._saves = {case: f for case, f in self._saves.items() if not f.done()}
+        self._pending_save = self._saves[session.case_id] = self._saver.submit(write)
         return self._pending_save
 
     # ------------------------------------------------------------------ fine-tune

@@ -820,9 +820,9 @@ def test_shift_g_shows_the_contrasts_side_by_side_and_a_stroke_in_any_box_is_ann
     layer.brush_size = 30
 
     press(viewer, "G")
-    assert viewer.grid.enabled and widget.grid_btn.isChecked()
+    assert viewer.canvas.grid.enabled and widget.grid_btn.isChecked()
     canvas = viewer.window._qt_viewer.canvas
-    boxes = [box for box, indices in viewer.grid.iter_viewboxes(viewer.layers) if indices]
+    boxes = [box for box, indices in viewer.canvas.grid.iter_viewboxes(viewer.layers) if indices]
     assert len(boxes) == 4  # T1, T1ce, T2, FLAIR
     images = [other for other in viewer.layers if other.metadata.get(META_KEY, {}).get("role") == "image"]
     assert all(image.visible and image.name_overlay.visible for image in images)  # each box named
@@ -852,10 +852,11 @@ def test_shift_g_shows_the_contrasts_side_by_side_and_a_stroke_in_any_box_is_ann
     press(viewer, "C")  # cycling would hide boxes: refused while the grid is on
     assert all(image.visible and image.name_overlay.visible for image in images)  # each box named
     press(viewer, "G")  # back to one view, as it was
-    assert not viewer.grid.enabled and not widget.grid_btn.isChecked()
+    assert not viewer.canvas.grid.enabled and not widget.grid_btn.isChecked()
     assert list(viewer.layers) == order_before
     assert [other.name for other in viewer.layers if other.visible] == shown_before
     assert not any(image.name_overlay.visible for image in images)
+    assert str(layer.mode) == "paint" and viewer.layers.selection.active.name == layer.name  # still painting
 
 
 def test_the_legend_shows_each_label_s_volume_as_it_is_painted(annotator, qtbot, wait_idle, case_a):
