@@ -298,6 +298,9 @@ class AnnotationWidget(QWidget):
         bridge = self._bridge
 
         def load():
+            from napari_unet.predict import read_torch_libraries
+
+            read_torch_libraries()  # without the interpreter lock: the import below then holds it briefly
             from training.loop import warm_up
 
             session.predictor(device, tta)
