@@ -156,3 +156,22 @@ def test_an_isa_cap_below_bf16_makes_the_cpu_precision_fp32(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for explicitly
+
+
+def test_torch_s_libraries_are_read_before_torch_is_imported():
+    import subprocess
+    import sys
+
+    # A fresh interpreter: this one imported torch long ago (then nothing is read).
+    script = ("import sys, importlib.util, pathlib\n"
+              "from napari_unet.predict import read_torch_libraries\n"
+              "lib = pathlib.Path(importlib.util.find_spec('torch').submodule_search_locations[0]) / 'lib'\n"
+              "size = sum(p.stat().st_size for p in lib.glob('*.so*'))\n"
+              "n = read_torch_libraries()\n"
+              "assert 'torch' not in sys.modules\n"
+              "import torch\n"
+              "print(n, size, read_torch_libraries())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    read, size, again = map(int, out.split())
+    assert read == size > 100 << 20  # every library, before the import
+    assert again == 0  # once torch is in, nothing to warm
