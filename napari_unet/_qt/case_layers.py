@@ -21,7 +21,9 @@ def give_new_data(layer, data, kwargs: dict) -> None:
     (data, kwargs); only what differs between cases is set."""
     layer.metadata = kwargs["metadata"]  # first: the layer is the new case's from now on
     layer.data = data
-    layer.name, layer.scale = kwargs["name"], kwargs["scale"]
+    layer.name = kwargs["name"]
+    if not np.allclose(layer.scale, kwargs["scale"]):  # (a scale set anew makes napari redo every layer's extent)
+        layer.scale = kwargs["scale"]
     if "contrast_limits" in kwargs:
         layer.reset_contrast_limits_range()
         layer.contrast_limits = kwargs["contrast_limits"]
