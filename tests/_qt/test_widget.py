@@ -974,8 +974,9 @@ def test_a_dataset_opens_as_a_case_list_and_a_click_opens_a_case(make_napari_vie
     widget.annotation_layer.refresh()  # an edit not saved yet when the click comes
     _click_case(widget, qtbot, c)
     _opened(widget, qtbot, c)
-    record = _store_record(store / b)
-    assert edited_z in record["edited_slices"] and not _stored_labels(store / b)[edited_z].any()
+    # The case left is saved on the saving thread, not waited for by the switch.
+    _wait_saved(qtbot, store / b, lambda record, saved: edited_z in record["edited_slices"]
+                and not saved[edited_z].any())
     qtbot.waitUntil(lambda: not any(layer.name.startswith(b) for layer in viewer.layers), timeout=WAIT)
     # (c is "not started", or holds the proposal made ahead for it with nothing reviewed: which one
     # depends on whether the background proposal was ready when the click came.)
