@@ -809,7 +809,7 @@ def test_shift_c_cycles_the_contrast_under_the_annotation(annotator, press):
 
 
 def test_shift_g_shows_the_contrasts_side_by_side_and_a_stroke_in_any_box_is_annotated(
-        annotator, qtbot, press, tmp_path, case_a):
+        annotator, qtbot, press, tmp_path, case_a, wait_idle):
     viewer, widget = annotator
     layer = widget.annotation_layer
     order_before = list(viewer.layers)
@@ -851,6 +851,12 @@ def test_shift_g_shows_the_contrasts_side_by_side_and_a_stroke_in_any_box_is_ann
 
     press(viewer, "C")  # cycling would hide boxes: refused while the grid is on
     assert all(image.visible and image.name_overlay.visible for image in images)  # each box named
+    stroked = np.array(layer.data[z])
+    widget.propose_volume_btn.click()  # a proposal with the grid on: the grid stays, the stroke too
+    wait_idle(widget)
+    np.testing.assert_array_equal(layer.data[z], stroked)
+    assert viewer.canvas.grid.enabled and (np.asarray(layer.data) > 0).sum() > (labels_before > 0).sum()
+    assert [len(indices) for _, indices in viewer.canvas.grid.iter_viewboxes(viewer.layers) if indices] == [2] * 4
     press(viewer, "G")  # back to one view, as it was
     assert not viewer.canvas.grid.enabled and not widget.grid_btn.isChecked()
     assert list(viewer.layers) == order_before
