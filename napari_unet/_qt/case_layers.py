@@ -29,6 +29,11 @@ def give_new_data(layer, data, kwargs: dict) -> None:
         layer.contrast_limits = kwargs["contrast_limits"]
 
 
+def edit_events(layer) -> tuple:
+    """Strokes, undo/redo and `data[...] = ...; refresh()` on a Labels layer all end in one of these."""
+    return layer.events.paint, layer.events.set_data, layer.events.data
+
+
 def show_annotation(w, labels: np.ndarray) -> None:
     """The session's Labels layer on top, visible and selected; its case's uncertainty under it."""
     w.grid.close()  # its copies show the annotation being replaced
@@ -48,8 +53,7 @@ def show_annotation(w, labels: np.ndarray) -> None:
         layer.editable = True
     layer.opacity = 0.6
     w.session.track(layer.data)
-    # Strokes, undo/redo and `data[...] = ...; refresh()` all end in one of these.
-    for event in (layer.events.paint, layer.events.set_data, layer.events.data):
+    for event in edit_events(layer):
         w._connect(event, w._edits_maybe, layer)
     w._connect(layer.events.selected_label, lambda e: w.review.check_label(layer), layer)
     w._connect(layer.events.selected_label, w.review.show_paint_label, layer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from qtpy.QtCore import QTimer
 
+from napari_unet._qt.case_layers import edit_events
 from napari_unet.cases import MODALITIES
 
 GRID_KEY = "Shift-G"
@@ -82,7 +83,7 @@ class ContrastGrid:
         grid.enabled = True
         viewer.layers.selection.active = annotation
         annotation.mode = mode
-        for event in (annotation.events.paint, annotation.events.set_data, annotation.events.data):
+        for event in edit_events(annotation):
             w._connect(event, self._annotation_changed, annotation)
         for emitter, callback in self._watching():
             w._connect(emitter, callback)
@@ -99,11 +100,10 @@ class ContrastGrid:
         self._before = None  # first: napari's grid event below comes back here
         self._redraw_timer.stop()
         for emitter, callback in self._watching():
-            self._forget(emitter, callback)
+            w._disconnect(emitter, callback)
         if self._annotation is not None:
-            for event in (self._annotation.events.paint, self._annotation.events.set_data,
-                          self._annotation.events.data):
-                self._forget(event, self._annotation_changed)
+            for event in edit_events(self._annotation):
+                w._disconnect(event, self._annotation_changed)
         grid = w.viewer.canvas.grid
         grid.enabled = False
         grid.stride, grid.shape = stride, shape
@@ -125,8 +125,7 @@ class ContrastGrid:
         for image, shown in self._named:
             image.name_overlay.visible = shown
         self._named = []
-        if hasattr(w, "grid_btn"):
-            w.grid_btn.setChecked(False)
+        w.grid_btn.setChecked(False)
 
     def redraw(self) -> None:
         annotation = self._annotation
@@ -167,9 +166,3 @@ class ContrastGrid:
 
     def _layers_changed(self, event=None) -> None:
         QTimer.singleShot(0, self.close)  # after napari has finished with its list
-
-    def _forget(self, emitter, callback) -> None:
-        from napari_unet._qt.wiring import disconnect
-
-        disconnect(emitter, callback)
-        self.w._connections[:] = [c for c in self.w._connections if not (c[0] is emitter and c[1] == callback)]

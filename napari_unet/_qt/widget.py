@@ -119,6 +119,10 @@ class AnnotationWidget(QWidget):
         emitter.connect(callback)
         self._connections.append((emitter, callback, unwrapped(layer) if layer is not None else None))
 
+    def _disconnect(self, emitter, callback) -> None:
+        disconnect(emitter, callback)
+        self._connections[:] = [c for c in self._connections if not (c[0] is emitter and c[1] == callback)]
+
     def _forget_removed_layers(self) -> None:
         """A connection to a layer no longer in the viewer would keep its data alive."""
         present = {id(unwrapped(layer)) for layer in self.viewer.layers}
