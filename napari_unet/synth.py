@@ -26,6 +26,11 @@ differences the generator shows (Menze et al. 2015, Bakas et al. 2018):
   and T2, mildly dark on T1; and a multiplicative texture inside the tumour, strong in the
   core's tissues (10-25 %) and mild in edema, partly shared between contrasts.
 
+Healthy tissue is given what real scans show and the template lacks (`_HealthyDetail`): folded
+cortex, the cerebellum's folia, grain, small white-matter lesions and what skull stripping
+leaves at the edge, none of it labelled, so that a model does not learn that anything not smooth
+is tumour. It is drawn from its own random stream: a seed's anatomy and tumour are unchanged.
+
 Appearance otherwise follows the physics of each contrast (FLAIR suppresses CSF, T2 shows
 fluid, T1ce lights up the enhancing rim and vessels against T1). `appearance="standard"` gives
 one look (and `shift` moves it towards another scanner); `appearance="random"` randomises every
@@ -173,6 +178,7 @@ def _template() -> dict:
     """The MNI152 tissue maps (probabilities in [0, 1], 1 mm, RAS voxel axes) and landmarks."""
     with np.load(TEMPLATE_FILE) as z:
         t1, gm, wm = z["t1"], z["gm"], z["wm"]
+        origin = z["origin_mm"].astype(np.float32)  # MNI mm of voxel (0, 0, 0); voxels are 1 mm
     brain = t1 > 0  # the template is skull-stripped
     gm = gm.astype(np.float32) / 255
     wm = wm.astype(np.float32) / 255
@@ -183,7 +189,7 @@ def _template() -> dict:
     idx = np.argwhere(csf > 0.8)
     near = np.all(np.abs(idx - (centre + [0, 0, 15])) < [22, 30, 18], axis=1)
     ventricles = idx[near].mean(0) if near.any() else centre
-    return {"maps": maps, "centre": centre, "ventricles": ventricles}
+    return {"maps": maps, "centre": centre, "ventricles": ventricles, "origin_mm": origin}
 
 
 @dataclass
@@ -229,13 +235,17 @@ def _subject(rng, extent_mm) -> _Subject:
                     rng.uniform(-0.2, 0.45))
 
 
-def _sample_maps(subject: _Subject, pts, grid_axes) -> np.ndarray:
-    """Tissue probabilities (csf, gm, wm) at output points, (3, ...)."""
+def _sample_maps(subject: _Subject, pts, grid_axes, with_mni: bool = False):
+    """Tissue probabilities (csf, gm, wm) at output points, (3, ...); with `with_mni`, also
+    where each point lies in the template's MNI space (3, ...), mm."""
     t = subject.to_template(pts, grid_axes)
-    maps = _template()["maps"]
+    tpl = _template()
     flat = t.reshape(3, -1)
-    out = np.stack([ndimage.map_coordinates(m, flat, order=1, mode="constant", cval=0.0) for m in maps])
-    return out.reshape((3,) + t.shape[1:])
+    out = np.stack([ndimage.map_coordinates(m, flat, order=1, mode="constant", cval=0.0) for m in tpl["maps"]])
+    out = out.reshape((3,) + t.shape[1:])
+    if not with_mni:
+        return out
+    return out, t + tpl["origin_mm"].reshape((3,) + (1,) * (t.ndim - 1))
 
 
 def _grow(rng, subject: _Subject, seeds_mm, box_lo, spacing, n, head_centre) -> np.ndarray:
@@ -446,7 +456,7 @@ def _generate(
         d = pts - centre.reshape(3, 1, 1, 1).astype(np.float32)
         fall = np.exp(-np.sum(d * d, axis=0) / (2 * (1.3 * radius) ** 2))
         pts -= d * (push * fall)
-    csf, gm, wm = _sample_maps(subject, pts, grid_axes)
+    (csf, gm, wm), mni = _sample_maps(subject, pts, grid_axes, with_mni=True)
     # Tumour density at the subject-space points (outside the box: none).
     box = (pts - box_lo.reshape(3, 1, 1, 1)) / spacing
     u = ndimage.map_coordinates(u_box, box.reshape(3, -1), order=1, mode="constant", cval=0.0).reshape(shape)
@@ -474,6 +484,9 @@ def _generate(
         tumour_fr[index - 3][k == index] = 1
     tumour_fr *= brain[box]
     del infiltration, edema, keep
+    # Its own stream, so that the anatomy and tumour of a seed are what they were without it.
+    detail = _HealthyDetail.draw(rng.spawn(1)[0], normal, brain, box, voxel, mni)
+    del mni
 
     # Texture inside the tumour: multiplicative, strong in the core's tissues and mild in the
     # edema. Its structure is partly shared between contrasts (the same fluid-rich or cellular
@@ -500,7 +513,7 @@ def _generate(
             gamma, bias_amp, noise_sd, blur = 1.0 + 0.6 * shift, 0.12 + 0.18 * shift, 0.02 * (1 + shift), 0.6
             sign = 1.0 if modality in ("t2", "flair") else -1.0
         table = table.astype(np.float32)
-        img = np.tensordot(table[:3], normal, axes=1)
+        img = detail.apply(np.tensordot(table[:3], normal, axes=1), table, normal[2], sign)
         own = _blobs(rng, k.shape, voxel, 2.0)
         grain = np.clip(0.8 * sign * shared + 0.6 * own, -2.5, 2.5)
         img[box] += np.tensordot(table[3:], tumour_fr * (1 + amp.reshape(-1, 1, 1, 1) * grain), axes=1)
@@ -519,6 +532,99 @@ def _generate(
         img = np.where(brain, img * scale + 1.0, 0.0)  # skull-stripped: zero outside
         images[modality] = np.clip(img, 0, 32767).astype(np.int16)
     return Synthetic(images, labels, affine, tissue), tumour
+
+
+class _HealthyDetail:
+    """What real healthy tissue shows and the template does not, so that a model cannot take it
+    for tumour. A model trained without it called the cerebellum of real T1+FLAIR scans
+    necrotic core (dark on T1, middling on FLAIR, striated), because in the generator only
+    tumour was ever anything but smooth:
+    - folded cortex: the template is a population average whose cortex is blurred smooth; real
+      sulci are thin sheets of CSF every few mm through the grey matter (the zero level sets of
+      a smooth field here);
+    - the cerebellum's folia: thin shells of CSF between folia and white-matter cores inside
+      them, stacked every 2-4 mm around the fourth ventricle (the striated look of the posterior
+      fossa);
+    - grain in all healthy tissue (partial volume, vessels, the scanner), at times as strong as
+      the tumour's;
+    - small white-matter lesions (small-vessel disease, common at glioma patients' ages): bright
+      on FLAIR and T2 like edema, mildly dark on T1, away from the tumour and not labelled, so
+      that a bright spot on FLAIR is not edema by itself;
+    - what skull stripping leaves at the brain's edge in some scans: patches of a thin shell
+      much brighter (fat, marrow) or darker (dura, bone) than brain, not labelled.
+    """
+
+    def __init__(self, rng, voxel, lesions, lesion_weight, grain_amp, grain, rim, rim_gain):
+        self.rng, self.voxel = rng, voxel
+        self.lesions, self.lesion_weight = lesions, lesion_weight
+        self.grain_amp, self.grain = grain_amp, grain
+        self.rim, self.rim_gain = rim, rim_gain
+
+    @classmethod
+    def draw(cls, rng, normal, brain, tumour_box, voxel, mni) -> "_HealthyDetail":
+        """Folds the cortex and the cerebellum of `normal` (csf, grey, white fractions) in place
+        and draws the rest. `mni`: (3, ...) template (MNI) mm of each voxel."""
+        shape = normal.shape[1:]
+        sheet = np.exp(-((_blobs(rng, shape, voxel, rng.uniform(2.5, 5.0)) / rng.uniform(0.15, 0.35)) ** 2))
+        moved = normal[1] * sheet * rng.uniform(0.4, 0.9)
+        normal[1] -= moved
+        normal[0] += moved
+        del sheet, moved
+        _fold_cerebellum(rng, normal, voxel, mni)
+        outside = np.ones(shape, bool)  # away from the tumour
+        margin = np.ceil(10.0 / voxel).astype(int)  # for centres: a lesion reaches 7 mm at most
+        outside[tuple(slice(max(s.start - m, 0), s.stop + m) for s, m in zip(tumour_box, margin))] = False
+        lesions = np.zeros(shape, np.float32)
+        if rng.random() < 0.6:
+            spots = np.argwhere((normal[2] > 0.7) & outside)
+            for centre in spots[rng.integers(0, len(spots), rng.integers(1, 16))] if len(spots) else []:
+                radius = rng.uniform(1.5, 5.0) * rng.uniform(0.7, 1.4, 3)  # mm per axis
+                reach = np.ceil(radius / voxel).astype(int) + 1
+                sl = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(centre, reach, shape))
+                grid = np.ogrid[sl]
+                dist = np.sqrt(sum(((g - c) * v / r) ** 2 for g, c, v, r in zip(grid, centre, voxel, radius)))
+                np.maximum(lesions[sl], np.clip((1 - dist) * 3, 0, 1), out=lesions[sl])
+        grain = _blobs(rng, shape, voxel, rng.uniform(1.0, 2.5))
+        rim, rim_gain = None, 1.0
+        if rng.random() < 0.4:
+            depth = max(1, int(round(rng.uniform(1.0, 4.0) / voxel.min())))
+            shell = brain & ~ndimage.binary_erosion(brain, iterations=depth) & outside
+            patches = _blobs(rng, shape, voxel, 10.0)
+            rim = shell & (patches > np.quantile(patches, rng.uniform(0.4, 0.9)))
+            rim_gain = rng.uniform(1.6, 3.0) if rng.random() < 0.7 else rng.uniform(0.3, 0.6)
+        return cls(rng, voxel, lesions, rng.uniform(0.3, 1.0), rng.uniform(0.02, 0.15), grain, rim, rim_gain)
+
+    def apply(self, healthy: np.ndarray, table: np.ndarray, white: np.ndarray, sign: float) -> np.ndarray:
+        """The healthy image of one contrast (`table`: its tissue brightness, _TISSUES order) with
+        the lesions, grain and leftovers at the edge; `sign` flips the grain's shared part as the
+        tumour's is flipped."""
+        lesion = table[2] + self.lesion_weight * (table[3] - table[2])  # white matter towards edema
+        healthy += self.lesions * white * (lesion - table[2])
+        own = _blobs(self.rng, healthy.shape, self.voxel, 1.5)
+        healthy *= 1 + self.grain_amp * np.clip(0.8 * sign * self.grain + 0.6 * own, -2.5, 2.5)
+        if self.rim is not None:
+            healthy[self.rim] *= self.rim_gain * self.rng.uniform(0.8, 1.25)
+        return healthy
+
+
+def _fold_cerebellum(rng, normal, voxel, mni) -> None:
+    """Folia in the template's (smooth) cerebellum: shells around the fourth ventricle every
+    2-4 mm, CSF at one phase and a white-matter core at the other."""
+    x, y, z = mni
+    # Below the tentorium, behind the brainstem (MNI mm), with a soft edge.
+    inside = np.clip((-38.0 - y) / 4, 0, 1) * np.clip((-8.0 - 0.25 * np.abs(x) - z) / 4, 0, 1)
+    inside *= 1 - np.clip((12.0 - np.abs(x)) / 4, 0, 1) * np.clip((y + 50.0) / 4, 0, 1)  # the brainstem
+    if not inside.any():
+        return
+    period = rng.uniform(2.0, 4.0)
+    radius = np.sqrt(x**2 + (y + 55.0) ** 2 + (z + 30.0) ** 2)
+    radius += rng.uniform(1.0, 4.0) * _blobs(rng, inside.shape, voxel, 8.0)
+    phase = np.cos(2 * np.pi * radius / period)
+    gap = inside * normal[1] * ((1 + phase) / 2) ** 6 * rng.uniform(0.4, 0.9)  # CSF between folia
+    core = inside * normal[1] * ((1 - phase) / 2) ** 6 * rng.uniform(0.2, 0.6)  # white matter inside
+    normal[1] -= gap + core
+    normal[0] += gap
+    normal[2] += core
 
 
 def _vessels(rng, img, brain, white, voxel) -> np.ndarray:

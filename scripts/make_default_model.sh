@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The recipe of the shipped default model: 64 synthetic cases built on the MNI152 anatomy with
 # grown tumours and randomised appearance (domain randomisation), a 16-channel 2D U-Net with
-# modality dropout (any set of modalities works), trained on the CPU (2 cores: about 8 minutes
+# modality dropout (any set of modalities works), trained on the CPU (2 cores: about 12 minutes
 # to synthesise and prepare, then about 3-4 steps a second: 3500 steps in about 15-25 minutes);
 # then the synthetic replay bank that fine-tuning mixes in (the same generator, its own seed).
 # Usage: scripts/make_default_model.sh [DATA_DIR] [OUT] [STEPS]

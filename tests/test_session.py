@@ -220,7 +220,7 @@ def test_predict_keeps_reviewed_slices_and_ranks_slices(small_case, tmp_path):
         walk.append(session.next_to_review(walk[-1]))
     assert sorted(walk) == sorted(set(offered.tolist()) - {z})  # never the reviewed one, never one without brain
     assert np.all(np.diff(scores[walk]) <= 0)
-    assert scores[walk[0]] > 10 * np.median(scores[offered])  # a ranking that tells slices apart
+    assert scores[walk[0]] > 2 * np.median(scores[offered])  # a ranking that tells slices apart
     assert walk[0] in _tumour_slices(small_case)  # the model is least sure where the tumour is
 
 

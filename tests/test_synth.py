@@ -9,7 +9,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 from napari_unet.labels import EDEMA, ENHANCING, NECROTIC
-from napari_unet.synth import _TISSUES, _generate, generate
+from napari_unet.synth import _TISSUES, _generate, _HealthyDetail, generate
 
 SHAPE = (96, 96, 62)  # 2.5 mm voxels: the anatomy and tumour regions are still resolved
 
@@ -239,3 +239,109 @@ def test_cores_are_lobulated(made):
                 if np.count_nonzero(np.isin(c.labels, (NECROTIC, ENHANCING))) > 200]
     assert len(solidity) >= 8
     assert np.median(solidity) < 0.93, solidity
+
+
+# Healthy tissue as real scans show it, so that the model does not take it for tumour.
+
+
+def _slab(shape=(64, 64, 40), tissue=1):
+    normal = np.zeros((3,) + shape, np.float32)
+    normal[tissue] = 1
+    return normal
+
+
+def _draw(seed, normal, box=(slice(0, 4),) * 3, mni_origin=(0.0, 0.0, 40.0)):
+    """Healthy detail on a slab of 1 mm voxels at `mni_origin` (MNI mm; the default is cerebrum)."""
+    shape = normal.shape[1:]
+    mni = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) + o for n, o in zip(shape, mni_origin)],
+                               indexing="ij"))
+    return _HealthyDetail.draw(np.random.default_rng(seed), normal, np.ones(shape, bool), box, np.ones(3), mni)
+
+
+def test_the_cortex_is_folded_into_thin_sulci_of_csf():
+    """The template's cortex is blurred smooth; real grey matter is cut by sulci every few mm."""
+    normal = _slab(tissue=1)
+    _draw(0, normal)
+    np.testing.assert_allclose(normal.sum(0), 1, atol=1e-5)  # grey matter became CSF, nothing lost
+    sulci = normal[0] > 0.3
+    assert 0.03 < sulci.mean() < 0.5, sulci.mean()
+    # Thin sheets: eroding by 2 mm leaves almost nothing, and every axial slice is cut by them.
+    assert np.count_nonzero(ndimage.binary_erosion(sulci, iterations=2)) < 0.1 * np.count_nonzero(sulci)
+    assert all(sulci[:, :, z].any() for z in range(sulci.shape[2]))
+
+
+def test_white_matter_lesions_are_flair_bright_unlabelled_and_far_from_the_tumour():
+    box = (slice(0, 12),) * 3
+    seen = 0
+    for seed in range(10):
+        normal = _slab(tissue=2)
+        detail = _draw(seed, normal, box)
+        if not (detail.lesions > 0.5).any():
+            continue
+        seen += 1
+        near = np.zeros(normal.shape[1:], bool)
+        near[:15, :15, :15] = True  # within 3 mm of the tumour's box
+        assert not detail.lesions[near].any()
+        lesion = detail.lesions > 0.9
+        flair = np.array([0.1, 0.5, 0.4, 0.9, 0.5, 0.7, 0.7, 0.2], np.float32)  # _TISSUES order
+        t1 = np.array([0.2, 0.55, 0.8, 0.48, 0.28, 0.5, 0.36, 0.22], np.float32)
+        on_flair = detail.apply(np.full(normal.shape[1:], flair[2]), flair, normal[2], 1.0)
+        on_t1 = detail.apply(np.full(normal.shape[1:], t1[2]), t1, normal[2], -1.0)
+        assert np.median(on_flair[lesion]) > 1.2 * np.median(on_flair[~(detail.lesions > 0)])
+        assert np.median(on_flair[lesion]) <= flair[3] * 1.05
+        assert np.median(on_t1[lesion]) < np.median(on_t1[~(detail.lesions > 0)])
+    assert 3 <= seen <= 9  # in some subjects, not all
+
+
+def test_healthy_tissue_is_at_times_nearly_as_grainy_as_the_tumour_core(made):
+    """Grain alone must not say tumour: the fine variation (what a 2 mm blur removes) of healthy
+    white matter far from the tumour comes near the solid core's in several cases (on T1, where
+    the rest of the generator leaves it at a third of the core's or less)."""
+    ratios = []
+    for case, tumour in made[:8]:
+        solid = ndimage.binary_erosion(_tissue(tumour, "non_enhancing"))
+        if np.count_nonzero(solid) < 20:
+            continue
+        white = ndimage.binary_erosion(case.tissue[2] > 0.9) & (ndimage.distance_transform_edt(case.labels == 0) > 8)
+        v = case.images["t1"].astype(float)
+        fine = v - ndimage.gaussian_filter(v, 2.0)
+        ratios.append((fine[white].std() / v[white].mean()) / (fine[solid].std() / v[solid].mean()))
+    assert len(ratios) >= 4
+    assert np.count_nonzero(np.array(ratios) > 0.38) >= 3, ratios  # without the grain: 0.23-0.33
+
+
+def test_the_cerebellum_is_striated_by_folia():
+    """The posterior fossa's folia: stacked thin shells of CSF every few mm, only below the
+    tentorium (a smooth grey cerebellum is what the template has, and what real ones never are)."""
+    cerebellum = _slab(tissue=1)
+    _draw(1, cerebellum, mni_origin=(14.0, -90.0, -50.0))
+    cerebrum = _slab(tissue=1)
+    _draw(1, cerebrum, mni_origin=(14.0, 0.0, 30.0))
+    gaps = cerebellum[0] - cerebrum[0]  # the same cortical folds in both: what the folia add
+    assert (gaps > 0.2).mean() > 0.05
+    assert (cerebellum[2] > 0.1).mean() > 0.05 and not (cerebrum[2] > 0.1).any()  # white-matter cores
+    # Striated: along a line through the fourth ventricle's shells, CSF comes and goes every 2-4 mm.
+    profile = (gaps[10, :, 20] > 0.2).astype(int)
+    assert np.count_nonzero(np.diff(profile) == 1) >= 5, profile
+
+
+def test_skull_stripping_leaves_bright_or_dark_patches_at_the_edge_in_some_scans():
+    shape = (64, 64, 40)
+    brain = np.zeros(shape, bool)
+    brain[8:56, 8:56, 4:36] = True
+    seen = 0
+    for seed in range(10):
+        normal = _slab(shape, tissue=2) * brain
+        mni = np.zeros((3,) + shape, np.float32) + 50  # cerebrum
+        detail = _HealthyDetail.draw(np.random.default_rng(seed), normal, brain, (slice(30, 34),) * 3,
+                                     np.ones(3), mni)
+        if detail.rim is None:
+            continue
+        seen += 1
+        deep = ndimage.binary_erosion(brain, iterations=5)
+        assert detail.rim.any() and not (detail.rim & deep).any() and not (detail.rim & ~brain).any()
+        table = np.array([0.1, 0.5, 0.6, 0.9, 0.5, 0.7, 0.7, 0.2], np.float32)
+        image = detail.apply(np.where(brain, table[2], 0).astype(np.float32), table, normal[2], 1.0)
+        ratio = np.median(image[detail.rim]) / np.median(image[deep])
+        assert ratio > 1.3 or ratio < 0.75, ratio
+    assert 2 <= seen <= 8

@@ -36,7 +36,7 @@ def test_short_training_lowers_the_loss_and_writes_a_loadable_model(tiny_model):
     losses = [h["loss"] for h in result.history]
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     loaded = load_model(path)
-    assert loaded.metadata["training"]["steps"] == 300
+    assert loaded.metadata["training"]["steps"] == 500
     assert loaded.metadata["training"]["kind"] == "from scratch"
 
 
