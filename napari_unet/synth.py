@@ -534,6 +534,7 @@ def _generate(
     return Synthetic(images, labels, affine, tissue), tumour
 
 
+@dataclass
 class _HealthyDetail:
     """What real healthy tissue shows and the template does not, so that a model cannot take it
     for tumour. A model trained without it called the cerebellum of real T1+FLAIR scans
@@ -554,22 +555,21 @@ class _HealthyDetail:
       much brighter (fat, marrow) or darker (dura, bone) than brain, not labelled.
     """
 
-    def __init__(self, rng, voxel, lesions, lesion_weight, grain_amp, grain, rim, rim_gain):
-        self.rng, self.voxel = rng, voxel
-        self.lesions, self.lesion_weight = lesions, lesion_weight
-        self.grain_amp, self.grain = grain_amp, grain
-        self.rim, self.rim_gain = rim, rim_gain
+    rng: np.random.Generator  # its own stream; `apply` draws each contrast's own grain from it
+    voxel: np.ndarray
+    lesions: np.ndarray  # lesion fraction per voxel, 0-1
+    lesion_weight: float  # a lesion's brightness, from white matter's (0) to edema's (1)
+    grain_amp: float
+    grain: np.ndarray  # the grain's part shared between contrasts, unit sd
+    rim: np.ndarray | None  # the skull-stripping leftovers, or None
+    rim_gain: float
 
     @classmethod
     def draw(cls, rng, normal, brain, tumour_box, voxel, mni) -> "_HealthyDetail":
         """Folds the cortex and the cerebellum of `normal` (csf, grey, white fractions) in place
         and draws the rest. `mni`: (3, ...) template (MNI) mm of each voxel."""
         shape = normal.shape[1:]
-        sheet = np.exp(-((_blobs(rng, shape, voxel, rng.uniform(2.5, 5.0)) / rng.uniform(0.15, 0.35)) ** 2))
-        moved = normal[1] * sheet * rng.uniform(0.4, 0.9)
-        normal[1] -= moved
-        normal[0] += moved
-        del sheet, moved
+        _fold_cortex(rng, normal, voxel)
         _fold_cerebellum(rng, normal, voxel, mni)
         outside = np.ones(shape, bool)  # away from the tumour
         margin = np.ceil(10.0 / voxel).astype(int)  # for centres: a lesion reaches 7 mm at most
@@ -605,6 +605,14 @@ class _HealthyDetail:
         if self.rim is not None:
             healthy[self.rim] *= self.rim_gain * self.rng.uniform(0.8, 1.25)
         return healthy
+
+
+def _fold_cortex(rng, normal, voxel) -> None:
+    """Sulci: thin sheets of CSF through the grey matter, the zero level sets of a smooth field."""
+    sheet = np.exp(-((_blobs(rng, normal.shape[1:], voxel, rng.uniform(2.5, 5.0)) / rng.uniform(0.15, 0.35)) ** 2))
+    moved = normal[1] * sheet * rng.uniform(0.4, 0.9)
+    normal[1] -= moved
+    normal[0] += moved
 
 
 def _fold_cerebellum(rng, normal, voxel, mni) -> None:

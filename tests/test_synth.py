@@ -250,12 +250,14 @@ def _slab(shape=(64, 64, 40), tissue=1):
     return normal
 
 
-def _draw(seed, normal, box=(slice(0, 4),) * 3, mni_origin=(0.0, 0.0, 40.0)):
-    """Healthy detail on a slab of 1 mm voxels at `mni_origin` (MNI mm; the default is cerebrum)."""
+def _draw(seed, normal, box=(slice(0, 4),) * 3, mni_origin=(0.0, 0.0, 40.0), brain=None):
+    """Healthy detail on a slab of 1 mm voxels at `mni_origin` (MNI mm; the default is cerebrum),
+    all of it brain unless `brain` says otherwise."""
     shape = normal.shape[1:]
     mni = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) + o for n, o in zip(shape, mni_origin)],
                                indexing="ij"))
-    return _HealthyDetail.draw(np.random.default_rng(seed), normal, np.ones(shape, bool), box, np.ones(3), mni)
+    brain = np.ones(shape, bool) if brain is None else brain
+    return _HealthyDetail.draw(np.random.default_rng(seed), normal, brain, box, np.ones(3), mni)
 
 
 def test_the_cortex_is_folded_into_thin_sulci_of_csf():
@@ -332,9 +334,7 @@ def test_skull_stripping_leaves_bright_or_dark_patches_at_the_edge_in_some_scans
     seen = 0
     for seed in range(10):
         normal = _slab(shape, tissue=2) * brain
-        mni = np.zeros((3,) + shape, np.float32) + 50  # cerebrum
-        detail = _HealthyDetail.draw(np.random.default_rng(seed), normal, brain, (slice(30, 34),) * 3,
-                                     np.ones(3), mni)
+        detail = _draw(seed, normal, (slice(30, 34),) * 3, brain=brain)
         if detail.rim is None:
             continue
         seen += 1
