@@ -409,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: OUT/<case_id>.nii.gz")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower, a little better)")
     p.add_argument("--no-postprocess", action="store_true",
-                   help="the network's labels as they are (default: small islands removed, an enhancing "
-                        "region under 0.5 mL called core)")
+                   help="the network's labels as they are (default: small islands and pieces of bare "
+                        "necrotic core away from the tumour removed, an enhancing region under 0.5 mL "
+                        "called core)")
     p.add_argument("--batch-size", type=_whole(1), help="slices per batch (default: from a memory budget)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")

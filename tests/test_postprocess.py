@@ -1,12 +1,12 @@
-"""Post-processing of whole-volume proposals: the two BraTS rules on small volumes, and the
-engine applying them to whole volumes only."""
+"""Post-processing of whole-volume proposals: the three rules on small volumes, and the engine
+applying them to whole volumes only."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from napari_unet.labels import EDEMA, ENHANCING, NECROTIC
-from napari_unet.postprocess import PostProcessing, remove_islands, small_enhancing_to_core
+from napari_unet.postprocess import PostProcessing, remove_islands, remove_rimless_cores, small_enhancing_to_core
 
 MM3 = 1e-3  # mL per 1 mm voxel
 
@@ -40,6 +40,35 @@ def test_small_islands_far_from_the_tumour_go_and_large_second_lesions_stay():
     assert (out[_ball(labels.shape, (5, 50, 10), 6)] == EDEMA).all()
     # An island at least island_max_ml is never removed, however small beside the tumour.
     assert out is not labels and (remove_islands(labels, MM3, 0.1, 0.02)[_ball(labels.shape, (20, 50, 50), 2)] > 0).all()
+
+
+def test_a_second_piece_of_bare_necrotic_core_goes_and_a_second_tumour_with_edema_stays():
+    """The false alarm of real scans (cerebellum, skull base): a large piece called necrotic core
+    with no tumour around it, far from the tumour; the islands rule keeps it (over 2 mL)."""
+    labels = np.zeros((50, 80, 80), np.uint8)
+    labels[_ball(labels.shape, (25, 25, 25), 14)] = EDEMA  # the tumour: ~11500 voxels
+    labels[_ball(labels.shape, (25, 25, 25), 6)] = NECROTIC
+    bare = _ball(labels.shape, (25, 60, 60), 10)  # ~4200 voxels, 4.2 mL: a third of the tumour
+    labels[bare] = NECROTIC
+    labels[bare & (np.indices(labels.shape)[0] > 29)] = EDEMA  # an edge of edema: the core still 81% of it
+    second = _ball(labels.shape, (10, 60, 15), 8)  # a second lesion: edema around a necrotic core
+    labels[second] = EDEMA
+    labels[_ball(labels.shape, (10, 60, 15), 4)] = NECROTIC
+
+    out = PostProcessing().apply(labels, MM3)
+    assert not out[bare].any()
+    assert np.array_equal(out[~bare], labels[~bare])  # the tumour and the second lesion as they were
+    # The largest piece stays however much of it is core; over the fraction it is not a bare core.
+    all_core = np.where(labels > 0, NECROTIC, 0).astype(np.uint8)
+    assert np.array_equal(remove_rimless_cores(all_core, 0.5)[all_core > 0] > 0, _largest(all_core))
+    assert np.array_equal(remove_rimless_cores(labels, 0.9), labels)
+
+
+def _largest(labels: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    pieces, _ = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))
+    return (pieces == np.argmax(np.bincount(pieces.ravel())[1:]) + 1)[labels > 0]
 
 
 def test_post_processing_leaves_an_empty_or_single_tumour_alone():
