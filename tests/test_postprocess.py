@@ -38,6 +38,7 @@ def test_small_islands_far_from_the_tumour_go_and_large_second_lesions_stay():
     assert not out[_ball(labels.shape, (20, 50, 50), 2)].any()
     assert np.array_equal(out[_ball(labels.shape, (20, 20, 20), 9)], labels[_ball(labels.shape, (20, 20, 20), 9)])
     assert (out[_ball(labels.shape, (5, 50, 10), 6)] == EDEMA).all()
+    assert np.array_equal(PostProcessing().apply(labels, MM3), out)  # the engine's rules include it
     # An island at least island_max_ml is never removed, however small beside the tumour.
     assert out is not labels and (remove_islands(labels, MM3, 0.1, 0.02)[_ball(labels.shape, (20, 50, 50), 2)] > 0).all()
 

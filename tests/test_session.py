@@ -73,6 +73,30 @@ def test_edits_are_found_marked_and_kept_from_proposals(small_case, tmp_path):
     assert (labels[z1] == EDEMA).all()
 
 
+def test_undoing_an_edit_unreviews_the_slice_unless_it_was_reviewed_or_marked_by_hand(small_case, tmp_path):
+    """Undo brings a slice back to what it was before its first edit: a slice that was not
+    reviewed then takes proposals again; one reviewed before the edit, or marked reviewed after
+    it, stays reviewed (and is no longer edited)."""
+    session = _session(small_case, tmp_path / "store")
+    labels = session.open_labels()
+    fresh, reviewed_first, marked_after = _tumour_slices(small_case)[[0, 2, 4]]
+    session.set_reviewed(reviewed_first)
+    for z in (fresh, reviewed_first, marked_after):
+        labels[z] = small_case.labels[z]
+    session.collect_edits(labels)
+    assert session.edited == {fresh, reviewed_first, marked_after}
+    session.set_reviewed(marked_after)  # pressed Mark reviewed on the edited slice
+
+    for z in (fresh, reviewed_first, marked_after):
+        labels[z] = 0  # undo: back to the empty start
+    changed, _ = session.collect_edits(labels)
+    assert sorted(changed) == sorted([fresh, reviewed_first, marked_after])
+    assert not session.edited
+    assert session.reviewed == {reviewed_first, marked_after}
+    proposal = np.full_like(labels, EDEMA)
+    assert session.merge_proposal(labels, _proposal(proposal)).count(fresh) == 1
+
+
 def test_label_4_is_painted_as_enhancing_and_other_values_are_undone(small_case, tmp_path):
     session = _session(small_case, tmp_path / "store")
     labels = session.open_labels()

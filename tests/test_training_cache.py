@@ -394,6 +394,23 @@ def test_prepare_verify_fails_when_a_damaged_case_has_no_data_left(root, tmp_pat
     assert "verified 3 cases: 1 damaged, 0 re-prepared, 1 not repaired" in out
 
 
+def test_prepare_removes_a_killed_runs_half_written_array_and_leaves_another_runs_alone(root, cache_copy):
+    """Two trainings may prepare one cache at once: a temporary array written now belongs to the
+    other run, one two hours old to a run that was killed."""
+    import os
+    import time
+
+    stale = cache_copy / "cases" / ".BraTS2021_00001.partial-0badc0de.b2nd"  # as atomic_path names them
+    stale.write_bytes(b"half an array")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    running = cache_copy / "cases" / ".BraTS2021_00002.partial-0000beef.b2nd"
+    running.write_bytes(b"being written")
+    assert len(prepare_cache(root, cache_copy, MODALITIES, NORM, workers=1)) == 3
+    assert not stale.exists()
+    assert running.exists()
+
+
 def test_a_cache_from_before_checksums_still_opens(cache_copy):
     for record_path in (cache_copy / "cases").glob("*.json"):
         record = json.loads(record_path.read_text())
