@@ -376,8 +376,7 @@ def _tumour_labels(rng, u, brain, tissue_csf, tissue_white, voxel, extent, axes)
         deep = np.argwhere(depth >= 0.5 * depth.max())
         centre = deep[rng.integers(len(deep))]
         semi = depth.max() * rng.uniform(0.5, 0.9) * rng.uniform(0.8, 1.25, 3)
-        grid = np.ogrid[tuple(slice(0, s) for s in cshape)]
-        dist = np.sqrt(sum(((g - c) * v / r) ** 2 for g, c, v, r in zip(grid, centre, voxel, semi)))
+        dist = _ellipsoid_distance(tuple(slice(0, s) for s in cshape), centre, voxel, semi)
         cyst = (dist + 0.12 * _blobs(rng, cshape, voxel, max(2.0, 0.5 * semi.mean())) < 1) & core & ~rim
         crop[cyst] = _TISSUES.index("cyst")
 
@@ -581,8 +580,7 @@ class _HealthyDetail:
                 radius = rng.uniform(1.5, 5.0) * rng.uniform(0.7, 1.4, 3)  # mm per axis
                 reach = np.ceil(radius / voxel).astype(int) + 1
                 sl = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(centre, reach, shape))
-                grid = np.ogrid[sl]
-                dist = np.sqrt(sum(((g - c) * v / r) ** 2 for g, c, v, r in zip(grid, centre, voxel, radius)))
+                dist = _ellipsoid_distance(sl, centre, voxel, radius)
                 np.maximum(lesions[sl], np.clip((1 - dist) * 3, 0, 1), out=lesions[sl])
         grain = _blobs(rng, shape, voxel, rng.uniform(1.0, 2.5))
         rim, rim_gain = None, 1.0
@@ -633,6 +631,13 @@ def _fold_cerebellum(rng, normal, voxel, mni) -> None:
     normal[1] -= gap + core
     normal[0] += gap
     normal[2] += core
+
+
+def _ellipsoid_distance(window: tuple[slice, ...], centre, voxel, semi_mm) -> np.ndarray:
+    """Over the voxels of `window`, the distance from `centre` (voxel indices) in units of an
+    ellipsoid's semi-axes (`semi_mm`, mm per axis): under 1 inside it."""
+    grid = np.ogrid[window]
+    return np.sqrt(sum(((g - c) * v / r) ** 2 for g, c, v, r in zip(grid, centre, voxel, semi_mm)))
 
 
 def _vessels(rng, img, brain, white, voxel) -> np.ndarray:

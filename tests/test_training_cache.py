@@ -4,7 +4,9 @@ a cache made for another model is refused, DataLoader workers change nothing, ro
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -397,9 +399,6 @@ def test_prepare_verify_fails_when_a_damaged_case_has_no_data_left(root, tmp_pat
 def test_prepare_removes_a_killed_runs_half_written_array_and_leaves_another_runs_alone(root, cache_copy):
     """Two trainings may prepare one cache at once: a temporary array written now belongs to the
     other run, one two hours old to a run that was killed."""
-    import os
-    import time
-
     stale = cache_copy / "cases" / ".BraTS2021_00001.partial-0badc0de.b2nd"  # as atomic_path names them
     stale.write_bytes(b"half an array")
     two_hours_ago = time.time() - 7200
